@@ -1,0 +1,1 @@
+"""svdbench engine: load, calibrate, collect statistics, run a method, evaluate, record, report."""

@@ -1,0 +1,114 @@
+"""``svdbench`` command line: thin subcommands over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from methods.method import split_method_list
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub id, local directory (save_pretrained layout) or alias (minilm-l6)")
+    p.add_argument("--method", required=True, type=lambda s: tuple(split_method_list(s)),
+                   help="comma-separated methods, e.g. svd,svd-llm or svd-llm+adacomp[adacomp.iters=5]")
+    p.add_argument("--ratio", required=True, type=_floats, help="fractions of target-linear parameters removed, e.g. 0.2,0.4")
+    p.add_argument("--eval", default="wikitext2", type=_names, help="evaluations: wikitext2, ptb, c4, zeroshot, ...")
+    p.add_argument("--calib", default="wikitext2", help="wikitext2 (train split, online) or file:PATH (plain text)")
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--calib-seqlen", type=int, default=None, help="default: min(2048, model max positions)")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="default: min(2048, model max positions)")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--eval-max-windows", type=int, default=None,
+                   help="smoke runs: score only the first N perplexity windows (recorded in the protocol id)")
+    p.add_argument("--tasks", type=_names, default=None, help="lm-eval tasks for --eval zeroshot")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval --limit (smoke only; recorded, refused by leaderboards)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--dtype", default="auto", help="float16, bfloat16 or float32 (auto: float16 on cuda, float32 on cpu)")
+    p.add_argument("--results", default="results", help="directory for the JSON records")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from harness.runner import RunConfig, run
+
+    cfg = RunConfig(
+        model=args.model, methods=args.method, ratios=args.ratio, evals=args.eval, calib=args.calib,
+        calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, eval_seqlen=args.eval_seqlen,
+        eval_batch_size=args.eval_batch_size, eval_max_windows=args.eval_max_windows, limit=args.limit,
+        tasks=args.tasks, seed=args.seed, device=args.device, dtype=args.dtype, results=args.results,
+    )
+    for path in run(cfg):
+        print(path)
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from methods import METHODS
+    from methods.components import STAGES
+
+    for name, parts in METHODS.items():
+        print(f"{name:<12} " + " + ".join(f"{st}={comp}" for st, (comp, _) in parts.items()))
+    print()
+    for stage, reg in STAGES.items():
+        print(f"{stage}s: {', '.join(reg.names())}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from harness.demo import demo
+
+    return demo(args.results, args.model_family)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svdbench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="compress a model with methods at ratios and evaluate; one JSON record per cell")
+    add_run_arguments(p)
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("methods", help="list registered methods and components")
+    p.set_defaults(func=_cmd_methods)
+    p = sub.add_parser("demo", help="offline end-to-end run on the tiny reference model (needs SVDBENCH_DATA)")
+    p.add_argument("--results", default="results/demo")
+    p.add_argument("--model-family", default="tiny-llama", help="reference model name (tiny-llama or tiny-opt)")
+    p.set_defaults(func=_cmd_demo)
+    try:
+        from harness.report.cli import add_report_subcommands
+    except ImportError:
+        pass
+    else:
+        add_report_subcommands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, KeyError, OSError) as exc:
+        logging.getLogger("svdbench").error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

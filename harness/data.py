@@ -1,0 +1,147 @@
+"""Named text sources for evaluation and calibration, and the calibration sampler.
+
+Offline, everything comes from the data pack named by ``$SVDBENCH_DATA`` (layout in the pack's
+README); online, the standard sources come through ``datasets``. Every function fails with a clear
+message naming the missing file before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DATA_ENV = "SVDBENCH_DATA"
+
+
+def data_dir(required: bool = True) -> Path | None:
+    """The data pack directory from ``$SVDBENCH_DATA``.
+
+    Raises:
+        FileNotFoundError: when required and the variable is unset or points nowhere.
+    """
+    value = os.environ.get(DATA_ENV)
+    if not value:
+        if required:
+            raise FileNotFoundError(f"{DATA_ENV} is not set; point it at the offline data pack (e.g. ../shared/data)")
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{DATA_ENV}={value} is not a directory")
+    return path
+
+
+def pack_file(relative: str) -> Path:
+    """A file of the data pack, checked to exist."""
+    path = data_dir() / relative  # type: ignore[operator]
+    if not path.is_file():
+        raise FileNotFoundError(f"data file missing: {path} (expected in the pack under {DATA_ENV})")
+    return path
+
+
+def _read_jsonl_text(path: Path, key: str = "text") -> list[str]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line)[key] for line in fh if line.strip()]
+
+
+def wikitext2_test_rows() -> list[str]:
+    """The 4358 rows of the ``wikitext-2-raw-v1`` test split, from the pack or the hub."""
+    if data_dir(required=False) is not None:
+        return _read_jsonl_text(pack_file("wikitext-2-raw-v1/test.jsonl"))
+    from datasets import load_dataset
+
+    return list(load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"])
+
+
+def ptb_test_sentences() -> list[str]:
+    """Penn Treebank (Mikolov) test sentences, each line stripped (as ``ptb_text_only`` gives them)."""
+    if data_dir(required=False) is not None:
+        lines = pack_file("ptb/ptb.test.txt").read_text(encoding="utf-8").splitlines()
+        return [ln.strip() for ln in lines if ln.strip()]
+    from datasets import load_dataset
+
+    return list(load_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"])
+
+
+def check_calibration_source(source: str) -> None:
+    """Validate ``--calib`` cheaply (before any model is loaded)."""
+    if source.startswith("file:"):
+        path = Path(source[5:]).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file not found: {path}")
+    elif source == "wikitext2":
+        if data_dir(required=False) is not None and os.environ.get("HF_DATASETS_OFFLINE") == "1":
+            raise FileNotFoundError(
+                "--calib wikitext2 needs the wikitext-2-raw-v1 train split from the hub, which the offline pack "
+                "does not hold; use --calib file:$SVDBENCH_DATA/wikitext-2-v1/valid.txt"
+            )
+    else:
+        raise ValueError(f"unknown calibration source {source!r}; use 'wikitext2' or 'file:PATH'")
+
+
+def calibration_text(source: str) -> str:
+    """Text of a calibration source: ``wikitext2`` (train split, rows joined by blank lines) or ``file:PATH``."""
+    check_calibration_source(source)
+    if source.startswith("file:"):
+        return Path(source[5:]).expanduser().read_text(encoding="utf-8")
+    from datasets import load_dataset
+
+    return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration token windows and everything that determines them.
+
+    Attributes:
+        source: ``wikitext2`` or ``file:PATH``.
+        samples: Number of windows.
+        seqlen: Tokens per window.
+        seed: Seed of the window sampler.
+        input_ids: ``(samples, seqlen)`` int64.
+    """
+
+    source: str
+    samples: int
+    seqlen: int
+    seed: int
+    input_ids: torch.Tensor
+
+    @property
+    def token_hash(self) -> str:
+        return "sha256:" + hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+    def record(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "samples": self.samples,
+            "seqlen": self.seqlen,
+            "seed": self.seed,
+            "sampler": "random-token-windows",
+            "token_hash": self.token_hash,
+        }
+
+
+def sample_calibration(tokenizer: object, source: str, samples: int, seqlen: int, seed: int) -> Calibration:
+    """Draw ``samples`` windows of ``seqlen`` tokens at random offsets of the tokenized source.
+
+    The GPTQ sampler: the whole text is tokenized once without special tokens, then window starts are
+    drawn with ``random.Random(seed)``, so the same (tokenizer, source, samples, seqlen, seed) always
+    gives the same tokens (recorded by hash).
+
+    Raises:
+        ValueError: when the source has fewer than ``seqlen + 1`` tokens.
+    """
+    text = calibration_text(source)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]  # type: ignore[operator]
+    if ids.numel() <= seqlen:
+        raise ValueError(f"calibration source {source!r} has {ids.numel()} tokens, fewer than seqlen={seqlen}")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(samples)]
+    windows = torch.stack([ids[s : s + seqlen] for s in starts])
+    return Calibration(source, samples, seqlen, seed, windows)

@@ -1,0 +1,103 @@
+"""The evaluation engine: named evaluations run on an in-memory (dense or compressed) model.
+
+Each evaluation is a function ``(model, tokenizer, settings) -> dict`` registered under its name;
+its result lands in the record under ``metrics[name]`` and always carries a ``protocol`` id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness import data
+from harness.perplexity import PROTOCOLS, evaluate_protocol
+from methods.registry import Registry
+
+
+@dataclass
+class EvalSettings:
+    """Settings shared by the evaluations of one run.
+
+    Attributes:
+        seqlen: Perplexity window length.
+        batch_size: Windows (or lm-eval requests) per forward.
+        max_windows: Perplexity smoke limit (recorded in the protocol id), or None.
+        limit: lm-eval ``--limit`` (recorded; such records are refused by leaderboards), or None.
+        tasks: lm-eval task names for ``zeroshot`` (None = default set).
+        seed: Seed handed to evaluations that sample.
+        device: Where the model runs.
+        cache: Per-run cache (tokenized texts, dense references) shared by all cells.
+    """
+
+    seqlen: int
+    batch_size: int = 8
+    max_windows: int | None = None
+    limit: int | None = None
+    tasks: tuple[str, ...] | None = None
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+Evaluation = Callable[[nn.Module, Any, EvalSettings], dict[str, Any]]
+EVALUATIONS: Registry[Evaluation] = Registry("evaluation")
+# Checks that run before any model is loaded (data present, packages importable).
+PREFLIGHT: dict[str, Callable[[], None]] = {}
+
+
+def _perplexity_eval(name: str) -> Evaluation:
+    def run(model: nn.Module, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
+        tokens = s.cache.setdefault("tokens", {})
+        return evaluate_protocol(name, model, tokenizer, s.seqlen, s.device, s.batch_size, s.max_windows, tokens)
+
+    return run
+
+
+for _name, _proto in PROTOCOLS.items():
+    EVALUATIONS.register(_name, _perplexity_eval(_name))
+    PREFLIGHT[_name] = lambda p=_proto: p.rows() and None
+
+
+def _zeroshot(model: nn.Module, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
+    from harness.zeroshot import evaluate_zeroshot
+
+    return evaluate_zeroshot(model, tokenizer, s.tasks, limit=s.limit, batch_size=s.batch_size, seed=s.seed)
+
+
+def _zeroshot_preflight() -> None:
+    from harness.zeroshot import require_lm_eval
+
+    require_lm_eval()
+
+
+def preflight(names: list[str]) -> None:
+    """Fail fast for unknown evaluations or missing data / packages, before loading a model."""
+    for name in names:
+        EVALUATIONS.get(name)
+        check = PREFLIGHT.get(name)
+        if check is not None:
+            check()
+
+
+def register_zeroshot() -> None:
+    """Register ``zeroshot`` (lm-eval) if its module is present in this build."""
+    try:
+        import harness.zeroshot  # noqa: F401
+    except ImportError:
+        return
+    if "zeroshot" not in EVALUATIONS:
+        EVALUATIONS.register("zeroshot", _zeroshot)
+        PREFLIGHT["zeroshot"] = _zeroshot_preflight
+
+
+def run_evaluations(names: list[str], model: nn.Module, tokenizer: Any, settings: EvalSettings) -> dict[str, Any]:
+    """Run each named evaluation; returns ``{name: result}``."""
+    model.eval()
+    return {name: EVALUATIONS.get(name)(model, tokenizer, settings) for name in names}
+
+
+__all__ = ["EVALUATIONS", "EvalSettings", "preflight", "run_evaluations", "data"]

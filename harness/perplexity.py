@@ -1,0 +1,133 @@
+"""Perplexity under the standard (GPTQ / SVD-LLM) protocol, as named protocols.
+
+``wikitext2@L``: the ``wikitext-2-raw-v1`` test rows joined by ``"\\n\\n"``, one tokenizer pass
+(the tokenizer adds its BOS once, at the very start), non-overlapping windows of ``L`` tokens
+(remainder dropped), negative log-likelihood of positions 1..L-1 of each window given the tokens
+before it, PPL = exp(mean token NLL). Logits are taken in float32. Windows whose loss is not finite
+are counted and reported; the perplexity is then ``None`` (never silently skipped), and
+``ppl_finite_windows`` gives the value over the finite windows for diagnosis.
+
+``ptb@test-L``: the Penn Treebank test sentences (``ptb_text_only`` test, lines stripped) joined by
+``"\\n\\n"`` as SVD-LLM does, same windowing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from harness import data
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PerplexityProtocol:
+    """A named perplexity protocol: where its text comes from and how rows are joined."""
+
+    name: str
+    rows: Callable[[], list[str]]
+    joiner: str
+    variant: str = ""
+
+    def protocol_id(self, seqlen: int, max_windows: int | None) -> str:
+        base = f"{self.name}@{self.variant + '-' if self.variant else ''}{seqlen}"
+        return base if max_windows is None else f"{base}:first{max_windows}"
+
+    def text(self) -> str:
+        return self.joiner.join(self.rows())
+
+
+def _c4_rows() -> list[str]:
+    raise FileNotFoundError(
+        "c4 data is not available: the offline pack has no C4 validation shard. Online, use --eval c4 with "
+        "network access, or place c4-validation.json under $SVDBENCH_DATA/c4/"
+    )
+
+
+PROTOCOLS: dict[str, PerplexityProtocol] = {
+    "wikitext2": PerplexityProtocol("wikitext2", data.wikitext2_test_rows, "\n\n"),
+    "ptb": PerplexityProtocol("ptb", data.ptb_test_sentences, "\n\n", "test"),
+    "c4": PerplexityProtocol("c4", _c4_rows, "\n\n", "svdllm"),
+}
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    seqlen: int,
+    device: torch.device,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+) -> dict[str, object]:
+    """Token perplexity over non-overlapping windows of one token stream.
+
+    Args:
+        model: Causal LM returning ``.logits``; already on ``device``.
+        input_ids: ``(T,)`` the whole tokenized text.
+        seqlen: Window length.
+        device: Where the model runs.
+        batch_size: Windows per forward.
+        max_windows: Evaluate only the first windows (a smoke protocol; recorded in the protocol id).
+
+    Returns:
+        ``ppl`` (None if any window was non-finite), ``ppl_finite_windows``, ``nll_sum``, ``tokens``
+        (scored tokens), ``windows``, ``nonfinite_windows``.
+    """
+    n_windows = input_ids.numel() // seqlen
+    if n_windows == 0:
+        raise ValueError(f"text has {input_ids.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    windows = input_ids[: n_windows * seqlen].view(n_windows, seqlen)
+    nll_sum, bad = 0.0, 0  # nll_sum: over windows with a finite loss only
+    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+        ).view(batch.shape[0], -1).double().sum(dim=1)
+        for value in nll.tolist():
+            if math.isfinite(value):
+                nll_sum += value
+            else:
+                bad += 1
+    tokens = n_windows * (seqlen - 1)
+    finite_tokens = (n_windows - bad) * (seqlen - 1)
+    ppl_finite = math.exp(nll_sum / finite_tokens) if finite_tokens else None
+    if bad:
+        log.warning("%d of %d windows had a non-finite loss; perplexity reported as None", bad, n_windows)
+    return {
+        "ppl": None if bad else ppl_finite,
+        "ppl_finite_windows": ppl_finite,
+        "nll_sum": nll_sum,
+        "tokens": tokens,
+        "windows": n_windows,
+        "nonfinite_windows": bad,
+    }
+
+
+def evaluate_protocol(
+    name: str,
+    model: nn.Module,
+    tokenizer: object,
+    seqlen: int,
+    device: torch.device,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    token_cache: dict[str, torch.Tensor] | None = None,
+) -> dict[str, object]:
+    """Evaluate one named perplexity protocol; the result carries its ``protocol`` id."""
+    proto = PROTOCOLS[name]
+    cache = token_cache if token_cache is not None else {}
+    if name not in cache:
+        cache[name] = tokenizer(proto.text(), return_tensors="pt").input_ids[0]  # type: ignore[operator]
+    result = perplexity(model, cache[name], seqlen, device, batch_size, max_windows)
+    return {"protocol": proto.protocol_id(seqlen, max_windows), **result}

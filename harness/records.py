@@ -1,0 +1,119 @@
+"""Result records: one JSON file per cell, content-addressed by a run key, written atomically.
+
+The run key is a stable hash of everything that determines a cell's result (model identity, method
+config, ratio, calibration, evaluation protocols, svdbench version); the record's file name is the
+key, so a re-run finds finished cells and an interrupted sweep resumes without recomputing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+
+
+def svdbench_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("svdbench")
+    except metadata.PackageNotFoundError:
+        return "0.1.0+src"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def run_key(fields: dict[str, Any]) -> str:
+    """First 20 hex digits of the SHA-256 of the canonical JSON of ``fields``."""
+    return hashlib.sha256(canonical_json(fields).encode()).hexdigest()[:20]
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    A reader never sees a half-written record, and a kill mid-write leaves at most a stray
+    ``.tmp`` file, never a truncated ``.json``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=1, allow_nan=False, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record at ``path``, or None when absent."""
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def git_state() -> dict[str, Any]:
+    """Git sha and dirty flag of the svdbench source tree (None outside a checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(
+            subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        )
+        return {"git_sha": sha, "git_dirty": dirty}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_sha": None, "git_dirty": None}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def provenance(device: torch.device, dtype: str, seed: int) -> dict[str, Any]:
+    """Versions, git state, device and seed of this process (the record's ``provenance``)."""
+    import transformers
+
+    prov: dict[str, Any] = {
+        "svdbench_version": svdbench_version(),
+        **git_state(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "device": device_name(device),
+        "dtype": dtype,
+        "seed": seed,
+    }
+    for pkg in ("lm_eval", "datasets"):
+        try:
+            from importlib import metadata
+
+            prov[pkg] = metadata.version(pkg.replace("_", "-") if pkg == "lm_eval" else pkg)
+        except Exception:  # optional packages: absence is recorded, not an error
+            prov[pkg] = None
+    return prov
+
+
+def peak_memory_bytes(device: torch.device) -> dict[str, Any]:
+    """Peak device memory (CUDA allocator) or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "kind": "cuda_max_allocated"}
+    import resource
+
+    return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "kind": "cpu_max_rss"}

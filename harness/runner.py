@@ -1,0 +1,283 @@
+"""One run: a model x methods x ratios grid with one calibration and a list of evaluations.
+
+Everything that can be checked without loading the model is checked first (ratios, method names,
+data files, sequence lengths against the model config). Then the model is loaded once, the dense
+model is evaluated once (its record is reused by later runs), the dense statistics are computed
+once and shared by every method and ratio, and each (method, ratio) cell is compressed, evaluated,
+recorded and undone. Finished cells (records with status ``ok``) are skipped, so a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness import data
+from harness.compress import compress_model, restore
+from harness.evaluate import EvalSettings, preflight, register_zeroshot, run_evaluations
+from harness.models import discover, fingerprint, load_model, max_positions, read_config
+from harness.records import (
+    SCHEMA_VERSION,
+    peak_memory_bytes,
+    provenance,
+    read_record,
+    run_key,
+    svdbench_version,
+    write_json_atomic,
+)
+from harness.stats import DenseStats, capture_block_inputs, stream_blocks
+from methods import Method, parse_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a ``svdbench run`` needs (the CLI flags one to one)."""
+
+    model: str
+    methods: tuple[str, ...]
+    ratios: tuple[float, ...]
+    evals: tuple[str, ...] = ("wikitext2",)
+    calib: str = "wikitext2"
+    calib_samples: int = 256
+    calib_seqlen: int | None = None  # default: min(2048, model max positions)
+    eval_seqlen: int | None = None
+    eval_batch_size: int = 8
+    eval_max_windows: int | None = None
+    limit: int | None = None
+    tasks: tuple[str, ...] | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    results: str = "results"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    if name not in {"cuda", "cpu"} and not name.startswith("cuda:"):
+        raise ValueError(f"unknown device {name!r}; use auto, cuda or cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "float16" if device.type == "cuda" else "float32"
+    if name not in {"float16", "bfloat16", "float32"}:
+        raise ValueError(f"unknown dtype {name!r}; use float16, bfloat16 or float32")
+    return name
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated run: resolved methods, device, dtype and sequence lengths."""
+
+    config: RunConfig
+    methods: tuple[Method, ...]
+    device: torch.device
+    dtype: str
+    eval_seqlen: int
+    calib_seqlen: int
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Validate a run without loading the model (clear errors before expensive work)."""
+    for r in cfg.ratios:
+        if not 0.0 < r < 1.0:
+            raise ValueError(f"ratio must lie in (0, 1) (fraction of parameters removed), got {r}")
+    if not cfg.methods:
+        raise ValueError("no method given")
+    methods = tuple(parse_method(m) for m in cfg.methods)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    for n, v in (("calib-samples", cfg.calib_samples), ("calib-seqlen", cfg.calib_seqlen), ("eval-batch-size", cfg.eval_batch_size)):
+        if v is not None and v < 1:
+            raise ValueError(f"--{n} must be positive, got {v}")
+    register_zeroshot()
+    preflight(list(cfg.evals))
+    data.check_calibration_source(cfg.calib)
+    limit = max_positions(read_config(cfg.model))
+    if cfg.eval_seqlen is not None and limit is not None and cfg.eval_seqlen > limit:
+        raise ValueError(f"--eval-seqlen {cfg.eval_seqlen} exceeds the model's maximum of {limit} positions")
+    if cfg.calib_seqlen is not None and limit is not None and cfg.calib_seqlen > limit:
+        raise ValueError(f"--calib-seqlen {cfg.calib_seqlen} exceeds the model's maximum of {limit} positions")
+    eval_seqlen = cfg.eval_seqlen or min(2048, limit or 2048)
+    calib_seqlen = cfg.calib_seqlen or min(2048, limit or 2048)
+    return Prepared(cfg, methods, device, dtype, eval_seqlen, calib_seqlen)
+
+
+class Session:
+    """A loaded model with its dense statistics; runs cells against it."""
+
+    def __init__(self, prep: Prepared) -> None:
+        cfg = prep.config
+        self.prep, self.cfg = prep, cfg
+        t0 = time.perf_counter()
+        self.model, self.tokenizer = load_model(cfg.model, prep.dtype)
+        self.load_s = time.perf_counter() - t0
+        self.layout = discover(self.model)
+        self.model_info = {**fingerprint(cfg.model), "family": getattr(self.model.config, "model_type", None), "n_blocks": self.layout.n_blocks}
+        self.settings = EvalSettings(
+            prep.eval_seqlen, cfg.eval_batch_size, cfg.eval_max_windows, cfg.limit, cfg.tasks, cfg.seed, prep.device
+        )
+        self.results = Path(cfg.results)
+        self._dense: DenseStats | None = None
+        self.stats_s = 0.0
+        self.calibration = None
+
+    # -- shared pieces -------------------------------------------------------------------------
+    def _batches(self):
+        assert self.calibration is not None
+        return capture_block_inputs(self.model, self.layout, self.calibration.input_ids, self.prep.device)
+
+    def dense_stats(self) -> DenseStats:
+        if self._dense is None:
+            cfg = self.cfg
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed)
+            self.calibration = data.sample_calibration(self.tokenizer, cfg.calib, cfg.calib_samples, self.prep.calib_seqlen, cfg.seed)
+            self._dense = stream_blocks(self.model, self.layout, self._batches(), self.prep.device)
+            self.stats_s = time.perf_counter() - t0
+            log.info("dense statistics: %d tokens per layer in %.1f s", self._dense.tokens, self.stats_s)
+        return self._dense
+
+    def _evaluate(self) -> tuple[dict[str, Any], float]:
+        t0 = time.perf_counter()
+        self.model.to(self.prep.device)
+        try:
+            metrics = run_evaluations(list(self.cfg.evals), self.model, self.tokenizer, self.settings)
+        finally:
+            self.model.to("cpu")
+        return metrics, time.perf_counter() - t0
+
+    def _key_fields(self, method: dict[str, Any], ratio: float, calib: dict | None) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "model": {k: self.model_info.get(k) for k in ("id", "revision", "content_hash")},
+            "dtype": self.prep.dtype,
+            "method": method,
+            "ratio": ratio,
+            "calibration": calib,
+            "evals": sorted(self.cfg.evals),
+            "eval": {"seqlen": s.seqlen, "max_windows": s.max_windows, "limit": s.limit, "tasks": s.tasks},
+            "svdbench": svdbench_version(),
+        }
+
+    def _base_record(self, key: str) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "run_key": key,
+            "status": "ok",
+            "error": None,
+            "model": self.model_info,
+            "limit": self.cfg.limit,
+            "provenance": provenance(self.prep.device, self.prep.dtype, self.cfg.seed),
+        }
+
+    # -- cells ---------------------------------------------------------------------------------
+    def run_dense(self) -> Path:
+        """Evaluate the dense model once per (model, protocols); reuse an existing record."""
+        key = run_key(self._key_fields({"name": "dense"}, 0.0, None))
+        path = self.results / f"{key}.json"
+        if (rec := read_record(path)) and rec.get("status") == "ok":
+            log.info("dense record exists: %s", path)
+            return path
+        metrics, eval_s = self._evaluate()
+        n = sum(m.params for m in self.layout.modules)
+        total = sum(p.numel() for p in self.model.parameters())
+        record = {
+            **self._base_record(key),
+            "method": {"name": "dense", "config": {}},
+            "ratio": 0.0, "achieved_ratio": 0.0, "achieved_ratio_model": 0.0,
+            "params_dense": n, "params_compressed": n, "params_model_dense": total, "params_model_compressed": total,
+            "calibration": None, "metrics": metrics,
+            "timings_s": {"load": self.load_s, "statistics": 0.0, "compress": 0.0, "eval": eval_s},
+            "peak_memory_bytes": peak_memory_bytes(self.prep.device)["bytes"], "numerics": {}, "layers": [],
+        }
+        write_json_atomic(path, record)
+        return path
+
+    def run_cell(self, method: Method, ratio: float) -> Path:
+        """Compress with ``method`` at ``ratio``, evaluate, write the record, restore the model."""
+        dense = self.dense_stats()
+        assert self.calibration is not None
+        calib = self.calibration.record()
+        key = run_key(self._key_fields({"name": method.name, "config": method.config()}, ratio, calib))
+        path = self.results / f"{key}.json"
+        if (rec := read_record(path)) and rec.get("status") == "ok":
+            log.info("cell done already: %s @ %.2f -> %s", method.name, ratio, path)
+            return path
+        base = {
+            **self._base_record(key),
+            "method": {"name": method.name, "config": method.config()},
+            "ratio": ratio,
+            "calibration": calib,
+        }
+        if self.prep.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.prep.device)
+        t0 = time.perf_counter()
+        try:
+            result = compress_model(self.model, self.layout, method, ratio, dense, self.prep.device, self._batches)
+        except Exception:
+            write_json_atomic(path, {**base, "status": "failed", "error": traceback.format_exc()})
+            raise
+        compress_s = time.perf_counter() - t0
+        try:
+            metrics, eval_s = self._evaluate()
+        except Exception:
+            write_json_atomic(path, {**base, "status": "failed", "error": traceback.format_exc()})
+            raise
+        finally:
+            restore(self.model, result)
+        record = {
+            **base,
+            "achieved_ratio": result.achieved_ratio,
+            "achieved_ratio_model": result.achieved_ratio_model,
+            "params_dense": result.params_dense,
+            "params_compressed": result.params_compressed,
+            "params_model_dense": result.params_model_dense,
+            "params_model_compressed": result.params_model_compressed,
+            "metrics": metrics,
+            "timings_s": {"load": self.load_s, "statistics": self.stats_s, "compress": compress_s, "eval": eval_s},
+            "peak_memory_bytes": peak_memory_bytes(self.prep.device)["bytes"],
+            "numerics": {**result.numerics, "calibration_tokens_per_layer": dense.tokens},
+            "layers": result.layers,
+        }
+        write_json_atomic(path, record)
+        return path
+
+
+def run(cfg: RunConfig) -> list[Path]:
+    """Run the grid of ``cfg``: dense first, then every (method, ratio). Returns record paths.
+
+    A failing cell is recorded (status ``failed`` with its traceback) and the others still run;
+    the first failure is raised at the end.
+    """
+    prep = prepare(cfg)
+    torch.manual_seed(cfg.seed)
+    session = Session(prep)
+    paths = [session.run_dense()]
+    failures: list[BaseException] = []
+    for method in prep.methods:
+        for ratio in cfg.ratios:
+            try:
+                paths.append(session.run_cell(method, ratio))
+            except Exception as exc:  # recorded in the cell's JSON; keep going
+                log.error("cell %s @ %s failed: %s", method.name, ratio, exc)
+                failures.append(exc)
+    if failures:
+        raise RuntimeError(f"{len(failures)} cell(s) failed; see their records in {cfg.results}") from failures[0]
+    return paths
+
+
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    return asdict(cfg)

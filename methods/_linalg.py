@@ -1,0 +1,196 @@
+"""Pure linear-algebra core shared by every SVD-family method.
+
+Conventions (METHODS.md section 1): a target weight is ``W: (m, n)`` with ``m = out``,
+``n = in`` so that ``y = W x``. Calibration inputs are accumulated as the Gram matrix
+``H = sum_t x_t x_t^T`` of shape ``(n, n)``; ``||(W - W') X||_F^2 = tr((W - W') H (W - W')^T)``.
+A rank-``k`` factorisation ``W' = A B`` stores ``A: (m, k)`` and ``B: (k, n)``.
+
+Everything here takes and returns tensors, runs in float64 and imports nothing from the engine,
+so each property (truncation error equals the dropped singular values, whitened error never above
+plain error, ...) is unit-testable on random matrices in milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# Relative eigenvalue floor of the fallback whitening: eigenvalues below EIG_FLOOR * lambda_max are
+# raised to it. Directions that carry (almost) no activation energy cost (almost) nothing when
+# truncated, so clamping them only keeps the inverse finite.
+EIG_FLOOR = 1e-8
+
+
+def rank_from_keep(m: int, n: int, keep: float) -> int:
+    """Rank of an ``(m, n)`` matrix whose factors keep ``keep`` of its ``m * n`` parameters.
+
+    ``k = floor(keep * m * n / (m + n))`` (METHODS.md 1.1); a rank-k pair stores ``k (m + n)``.
+
+    Args:
+        m: Output features.
+        n: Input features.
+        keep: Fraction of parameters kept, in (0, 1].
+
+    Returns:
+        The rank, at least 1.
+    """
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep ratio must lie in (0, 1], got {keep}")
+    # The small epsilon keeps exact products (e.g. 0.5 * 512 * 512 / 1024) from flooring one short.
+    return max(1, math.floor(keep * m * n / (m + n) + 1e-9))
+
+
+def rank_from_ratio(m: int, n: int, ratio: float) -> int:
+    """Rank at compression ``ratio`` (fraction of parameters removed): ``rank_from_keep(1 - ratio)``."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must lie in (0, 1), got {ratio}")
+    return rank_from_keep(m, n, 1.0 - ratio)
+
+
+def lowrank_params(m: int, n: int, k: int) -> int:
+    """Stored parameters of a rank-``k`` factorisation of an ``(m, n)`` matrix: ``k (m + n)``."""
+    return k * (m + n)
+
+
+def truncated_svd(weight: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Best rank-``k`` approximation in Frobenius norm (Eckart-Young), split with sqrt(sigma).
+
+    Args:
+        weight: ``W: (m, n)``.
+        k: Kept rank, ``1 <= k <= min(m, n)``.
+
+    Returns:
+        ``(A, B, sigma)`` with ``A = U_k S_k^{1/2}: (m, k)``, ``B = S_k^{1/2} V_k^T: (k, n)`` and all
+        singular values ``sigma: (min(m, n),)`` of W, float64. ``||W - A B||_F^2 = sum_{i>k} sigma_i^2``.
+    """
+    w = weight.to(torch.float64)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    root = s[:k].sqrt()
+    return u[:, :k] * root, root[:, None] * vh[:k], s
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """A factor ``T: (n, n)`` with ``T T^T = H`` (or a clamped H) and how it was obtained.
+
+    Attributes:
+        factor: ``T``; lower-triangular for ``method == "cholesky"``, ``Q diag(sqrt(lambda))`` for
+            ``"eigen"``.
+        method: ``"cholesky"`` or ``"eigen"`` (the fallback for a Gram that is not positive definite).
+        clamped: Number of eigenvalues raised to the floor (0 for Cholesky).
+        min_eig_rel: Smallest eigenvalue over the largest before clamping (None for Cholesky).
+    """
+
+    factor: Tensor
+    method: str
+    clamped: int = 0
+    min_eig_rel: float | None = None
+
+    def right_solve(self, mat: Tensor) -> Tensor:
+        """Return ``mat T^{-1}`` for ``mat: (k, n)`` without forming the inverse."""
+        if self.method == "cholesky":
+            # mat T^{-1} = (T^{-T} mat^T)^T and T^T is upper triangular.
+            return torch.linalg.solve_triangular(self.factor.T, mat.T, upper=True).T
+        # T = Q diag(r) with orthonormal Q, so T^{-1} = diag(1/r) Q^T.
+        root = self.factor.norm(dim=0)
+        q = self.factor / root
+        return (mat / root) @ q.T
+
+
+def whitening(gram: Tensor, *, eig_floor: float = EIG_FLOOR) -> Whitening:
+    """Factor ``H = T T^T`` in float64: Cholesky, with an eigenvalue fallback.
+
+    The fallback (METHODS.md 1.3) triggers when Cholesky fails or its smallest pivot is below
+    ``eig_floor`` relative to the largest diagonal entry, i.e. H is singular to working precision
+    (rank-deficient calibration inputs). Then ``H = Q L Q^T`` with eigenvalues clamped at
+    ``eig_floor * lambda_max`` and ``T = Q L^{1/2}``; the caller records that it happened.
+
+    Args:
+        gram: ``H: (n, n)`` symmetric positive semi-definite.
+        eig_floor: Relative eigenvalue floor of the fallback.
+
+    Returns:
+        The :class:`Whitening`.
+
+    Raises:
+        FloatingPointError: if H has non-finite entries or is zero.
+    """
+    h = gram.to(torch.float64)
+    if not torch.isfinite(h).all():
+        raise FloatingPointError("Gram matrix has non-finite entries (NaN/inf in calibration activations)")
+    h = 0.5 * (h + h.T)
+    scale = h.diagonal().max()
+    if scale <= 0:
+        raise FloatingPointError("Gram matrix is zero: the layer saw no calibration signal")
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0 and chol.diagonal().min() ** 2 >= eig_floor * scale:
+        return Whitening(chol, "cholesky")
+    evals, evecs = torch.linalg.eigh(h)
+    top = evals.max()
+    floor = eig_floor * top
+    clamped = int((evals < floor).sum())
+    evals_c = evals.clamp(min=floor)
+    log.debug("whitening fallback: %d of %d eigenvalues clamped", clamped, h.shape[0])
+    return Whitening(evecs * evals_c.sqrt(), "eigen", clamped, float(evals.min() / top))
+
+
+def whitened_truncate(weight: Tensor, white: Whitening, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Truncation-aware whitened SVD (SVD-LLM, METHODS.md 1.3): ``min_{rank<=k} ||(W - W') X||_F``.
+
+    ``W T = U S V^T``; ``A = U_k S_k^{1/2}``, ``B = S_k^{1/2} V_k^T T^{-1}``. Because ``T^{-1} X`` has
+    orthonormal rows, ``||(W - A B) X||_F^2 = sum_{i>k} s_i^2`` (the truncation-awareness theorem).
+
+    Args:
+        weight: ``W: (m, n)``.
+        white: Whitening of the layer's input Gram.
+        k: Kept rank.
+
+    Returns:
+        ``(A: (m, k), B: (k, n), s)`` with ``s`` all singular values of ``W T`` (float64).
+    """
+    w = weight.to(torch.float64)
+    u, s, vh = torch.linalg.svd(w @ white.factor, full_matrices=False)
+    root = s[:k].sqrt()
+    a = u[:, :k] * root
+    b = white.right_solve(root[:, None] * vh[:k])
+    return a, b, s
+
+
+def output_error(weight: Tensor, approx: Tensor, gram: Tensor) -> float:
+    """``||(W - W') X||_F = sqrt(tr(D H D^T))`` with ``D = W - W'``, from the Gram alone.
+
+    Args:
+        weight: ``W: (m, n)``.
+        approx: ``W': (m, n)``.
+        gram: ``H = X X^T: (n, n)``.
+    """
+    d = weight.to(torch.float64) - approx.to(torch.float64)
+    val = ((d @ gram.to(torch.float64)) * d).sum()
+    return float(val.clamp(min=0).sqrt())
+
+
+def output_energy(weight: Tensor, gram: Tensor) -> float:
+    """``||W X||_F = sqrt(tr(W H W^T))``: the denominator of the relative output error."""
+    w = weight.to(torch.float64)
+    return float(((w @ gram.to(torch.float64)) * w).sum().clamp(min=0).sqrt())
+
+
+def paired_output_error(
+    weight: Tensor, approx: Tensor, gram: Tensor, gram_hat: Tensor, cross: Tensor
+) -> float:
+    """``||W' Xh - W X||_F`` from Grams: the error of the compressed layer fed the compressed
+    model's inputs ``Xh`` against the dense layer's output on dense inputs ``X``.
+
+    ``||W' Xh - W X||^2 = tr(W' Hh W'^T) - 2 tr(W' C^T W^T) + tr(W H W^T)`` with ``H = X X^T``,
+    ``Hh = Xh Xh^T`` and ``C = X Xh^T`` (all ``(n, n)``).
+    """
+    w = weight.to(torch.float64)
+    a = approx.to(torch.float64)
+    val = ((a @ gram_hat) * a).sum() - 2 * ((a @ cross.T) * w).sum() + ((w @ gram) * w).sum()
+    return float(val.clamp(min=0).sqrt())

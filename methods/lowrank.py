@@ -1,0 +1,87 @@
+"""The replacement modules and the factorisation record every factorizer returns.
+
+One ``LowRankLinear`` serves every method (evaluation, parameter counting and serialisation stay
+method-agnostic). It replaces an ``nn.Linear`` only, never an attention or MLP class, so it works
+for every model family without per-family copies of HF modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+class LowRankLinear(nn.Module):
+    """``y = A (B x) + b`` with ``A: (out, rank)``, ``B: (rank, in)``; the bias stays dense.
+
+    Stored as two ``nn.Linear`` children (``first`` = B, ``second`` = A) so that the usual
+    dtype/device moves, ``state_dict`` and lm-eval's ``model.eval()`` handle it unchanged.
+    """
+
+    def __init__(self, a: Tensor, b: Tensor, bias: Tensor | None = None) -> None:
+        """Build from factors.
+
+        Args:
+            a: ``A: (out, rank)``.
+            b: ``B: (rank, in)``.
+            bias: ``(out,)`` or None.
+        """
+        super().__init__()
+        out_f, rank = a.shape
+        rank_b, in_f = b.shape
+        if rank != rank_b:
+            raise ValueError(f"factor ranks differ: A {tuple(a.shape)}, B {tuple(b.shape)}")
+        self.in_features, self.out_features, self.rank = in_f, out_f, rank
+        self.first = nn.Linear(in_f, rank, bias=False, device=b.device, dtype=b.dtype)
+        self.second = nn.Linear(rank, out_f, bias=bias is not None, device=a.device, dtype=a.dtype)
+        with torch.no_grad():
+            self.first.weight.copy_(b)
+            self.second.weight.copy_(a)
+            if bias is not None:
+                self.second.bias.copy_(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.second(self.first(x))
+
+    def dense_weight(self) -> Tensor:
+        """``A B: (out, in)`` in float64 (for tests and error accounting)."""
+        return self.second.weight.double() @ self.first.weight.double()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+@dataclass
+class Factorization:
+    """What a factorizer returns for one ``(m, n)`` weight: ``W' = A B`` plus optional extras.
+
+    Attributes:
+        a: ``A: (m, k)`` float64.
+        b: ``B: (k, n)`` float64.
+        spectrum: Singular values the factorizer truncated (whitened or plain), for reports.
+        info: Small JSON-able facts (e.g. whitening fallback, split ranks).
+    """
+
+    a: Tensor
+    b: Tensor
+    spectrum: Tensor | None = None
+    info: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[1])
+
+    def dense(self) -> Tensor:
+        """``W': (m, n)`` float64."""
+        return self.a.double() @ self.b.double()
+
+    def param_count(self) -> int:
+        """Stored weight parameters (bias excluded: it is kept dense by every method)."""
+        return int(self.a.numel() + self.b.numel())
+
+    def to_module(self, bias: Tensor | None, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+        """Materialise as a :class:`LowRankLinear` in the model's dtype and device."""
+        b_ = None if bias is None else bias.detach().to(device=device, dtype=dtype)
+        return LowRankLinear(self.a.to(device=device, dtype=dtype), self.b.to(device=device, dtype=dtype), b_)
