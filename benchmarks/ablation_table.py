@@ -1,0 +1,82 @@
+"""Markdown ablation table from a directory of result records.
+
+    python -m benchmarks.ablation_table results/ablations/adasvd/tiny-llama [--metric wikitext2.ppl] [--out FILE]
+
+One row per (ratio, method): perplexity (or another dotted metric), achieved ratio, the summed and
+mean per-layer calibration output error ``||(W - W')X||_F / ||W X||_F`` (and the error against the
+dense outputs on compressed-model inputs where the method collected it), and wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def metric_value(record: dict[str, Any], dotted: str) -> Any:
+    value: Any = record.get("metrics", {})
+    for part in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def load_records(directory: Path) -> list[dict[str, Any]]:
+    records = []
+    for path in sorted(directory.rglob("*.json")):
+        rec = json.loads(path.read_text(encoding="utf-8"))
+        if rec.get("schema_version") and rec.get("status") == "ok":
+            records.append(rec)
+    return records
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def ablation_rows(records: list[dict[str, Any]], metric: str) -> list[list[str]]:
+    rows = []
+    for rec in sorted(records, key=lambda r: (r["ratio"], r["method"]["name"] != "dense", r["method"]["name"])):
+        layers = rec.get("layers") or []
+        errs = [layer["calib_rel_error"] for layer in layers if layer.get("calib_rel_error") is not None]
+        errs_c = [layer["calib_rel_error_compressed"] for layer in layers if "calib_rel_error_compressed" in layer]
+        t = rec.get("timings_s", {})
+        rows.append([
+            _fmt(rec["ratio"]), rec["method"]["name"], _fmt(rec.get("achieved_ratio"), 4), _fmt(metric_value(rec, metric)),
+            _fmt(sum(errs), 3) if errs else "—", _fmt(sum(errs) / len(errs), 4) if errs else "—",
+            _fmt(sum(errs_c) / len(errs_c), 4) if errs_c else "—",
+            _fmt(t.get("compress"), 1), _fmt(t.get("eval"), 1),
+        ])
+    return rows
+
+
+def render(records: list[dict[str, Any]], metric: str = "wikitext2.ppl") -> str:
+    header = ["ratio", "method", "achieved", metric, "sum calib err", "mean calib err",
+              "mean err (compressed inputs)", "compress s", "eval s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in ablation_rows(records, metric)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--metric", default="wikitext2.ppl")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    text = render(load_records(args.directory), args.metric)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
