@@ -62,6 +62,38 @@ for _name, _proto in PROTOCOLS.items():
     PREFLIGHT[_name] = lambda p=_proto: p.rows() and None
 
 
+# Evaluations that compare against the dense model compute their reference here, once per run,
+# on the dense model before any cell is compressed.
+REFERENCES: dict[str, Callable[[nn.Module, Any, EvalSettings], None]] = {}
+# Evaluations that need a causal LM (next-token logits); an encoder is refused before loading.
+CAUSAL_ONLY = set(PROTOCOLS) | {"zeroshot"}
+
+
+def _embed_fidelity(model: nn.Module, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
+    from harness.embedding import embed_fidelity
+
+    return embed_fidelity(model, tokenizer, s.cache, s.device)
+
+
+def _embed_reference(model: nn.Module, tokenizer: Any, s: EvalSettings) -> None:
+    from harness.embedding import embed_reference
+
+    embed_reference(model, tokenizer, s.cache, s.device)
+
+
+EVALUATIONS.register("embed-fidelity", _embed_fidelity)
+REFERENCES["embed-fidelity"] = _embed_reference
+PREFLIGHT["embed-fidelity"] = PREFLIGHT["wikitext2"]
+
+
+def compute_references(names: list[str], model: nn.Module, tokenizer: Any, settings: EvalSettings) -> None:
+    """Dense-model references of the named evaluations (no-op for those without one)."""
+    model.eval()
+    for name in names:
+        if name in REFERENCES:
+            REFERENCES[name](model, tokenizer, settings)
+
+
 def _zeroshot(model: nn.Module, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
     from harness.zeroshot import evaluate_zeroshot
 
@@ -74,9 +106,12 @@ def _zeroshot_preflight() -> None:
     require_lm_eval()
 
 
-def preflight(names: list[str]) -> None:
-    """Fail fast for unknown evaluations or missing data / packages, before loading a model."""
+def preflight(names: list[str], encoder: bool = False) -> None:
+    """Fail fast for unknown evaluations, missing data / packages, or an evaluation the model
+    type cannot take (perplexity of an encoder), before loading a model."""
     for name in names:
+        if encoder and name in CAUSAL_ONLY:
+            raise ValueError(f"evaluation {name!r} needs a causal LM, but the model is an encoder; use --eval embed-fidelity")
         EVALUATIONS.get(name)
         check = PREFLIGHT.get(name)
         if check is not None:
@@ -100,4 +135,4 @@ def run_evaluations(names: list[str], model: nn.Module, tokenizer: Any, settings
     return {name: EVALUATIONS.get(name)(model, tokenizer, settings) for name in names}
 
 
-__all__ = ["EVALUATIONS", "EvalSettings", "preflight", "run_evaluations", "data"]
+__all__ = ["EVALUATIONS", "EvalSettings", "compute_references", "preflight", "run_evaluations", "data"]

@@ -21,8 +21,8 @@ import torch
 from harness import data
 from harness.cache import STATS_VERSION, cache_path, load_dense_stats, save_dense_stats
 from harness.compress import compress_model, restore
-from harness.evaluate import EvalSettings, preflight, register_zeroshot, run_evaluations
-from harness.models import discover, fingerprint, load_model, max_positions, read_config
+from harness.evaluate import EvalSettings, compute_references, preflight, register_zeroshot, run_evaluations
+from harness.models import discover, fingerprint, is_encoder_config, load_model, max_positions, read_config
 from harness.records import (
     SCHEMA_VERSION,
     peak_memory_bytes,
@@ -104,9 +104,10 @@ def prepare(cfg: RunConfig) -> Prepared:
         if v is not None and v < 1:
             raise ValueError(f"--{n} must be positive, got {v}")
     register_zeroshot()
-    preflight(list(cfg.evals))
+    model_config = read_config(cfg.model)
+    preflight(list(cfg.evals), encoder=is_encoder_config(model_config))
     data.check_calibration_source(cfg.calib)
-    limit = max_positions(read_config(cfg.model))
+    limit = max_positions(model_config)
     if cfg.eval_seqlen is not None and limit is not None and cfg.eval_seqlen > limit:
         raise ValueError(f"--eval-seqlen {cfg.eval_seqlen} exceeds the model's maximum of {limit} positions")
     if cfg.calib_seqlen is not None and limit is not None and cfg.calib_seqlen > limit:
@@ -126,6 +127,7 @@ class Session:
         self.model, self.tokenizer = load_model(cfg.model, prep.dtype)
         self.load_s = time.perf_counter() - t0
         self.layout = discover(self.model)
+        self.encoder = is_encoder_config(self.model.config)
         self.model_info = {**fingerprint(cfg.model), "family": getattr(self.model.config, "model_type", None), "n_blocks": self.layout.n_blocks}
         self.settings = EvalSettings(
             prep.eval_seqlen, cfg.eval_batch_size, cfg.eval_max_windows, cfg.limit, cfg.tasks, cfg.seed, prep.device
@@ -139,14 +141,16 @@ class Session:
     # -- shared pieces -------------------------------------------------------------------------
     def _batches(self):
         assert self.calibration is not None
-        return capture_block_inputs(self.model, self.layout, self.calibration.input_ids, self.prep.device)
+        cal = self.calibration
+        return capture_block_inputs(self.model, self.layout, cal.input_ids, self.prep.device, attention_mask=cal.attention_mask)
 
     def dense_stats(self) -> DenseStats:
         if self._dense is None:
             cfg = self.cfg
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed)
-            self.calibration = data.sample_calibration(self.tokenizer, cfg.calib, cfg.calib_samples, self.prep.calib_seqlen, cfg.seed)
+            sampler = data.sample_paragraph_calibration if self.encoder else data.sample_calibration
+            self.calibration = sampler(self.tokenizer, cfg.calib, cfg.calib_samples, self.prep.calib_seqlen, cfg.seed)
             path = self.stats_cache_path()
             cached = load_dense_stats(path) if path is not None else None
             if cached is not None:
@@ -201,8 +205,17 @@ class Session:
         }
 
     # -- cells ---------------------------------------------------------------------------------
+    def references(self) -> None:
+        """Dense references (e.g. embeddings) that compressed cells are compared against."""
+        self.model.to(self.prep.device)
+        try:
+            compute_references(list(self.cfg.evals), self.model, self.tokenizer, self.settings)
+        finally:
+            self.model.to("cpu")
+
     def run_dense(self) -> Path:
         """Evaluate the dense model once per (model, protocols); reuse an existing record."""
+        self.references()
         key = run_key(self._key_fields({"name": "dense"}, 0.0, None))
         path = self.results / f"{key}.json"
         if (rec := read_record(path)) and rec.get("status") == "ok":
