@@ -107,11 +107,14 @@ def _style_for(method: str, label: str, seen: dict[str, int]) -> dict[str, Any]:
 
 
 def _metric_vs_ratio(frame: pd.DataFrame, model: str, spec: MetricSpec, ylabel: str, log_y: bool) -> Any:
-    fig, axes = style.new_figure(figsize=(style.COLUMN_WIDTH_IN, 2.3))
+    series = _series(frame)
+    # The legend sits above the axes in three columns; grow the figure with it, not shrink the axes.
+    legend_rows = math.ceil((len(series) + 1) / 3)
+    fig, axes = style.new_figure(figsize=(style.COLUMN_WIDTH_IN, 1.85 + 0.16 * legend_rows))
     ax = axes[0, 0]
     seen: dict[str, int] = {}
     ratios: set[float] = set()
-    for method, label, g in _series(frame):
+    for method, label, g in series:
         vals = g[["ratio", spec.key]].dropna()
         bad = ~vals[spec.key].map(math.isfinite)
         if bad.any():
@@ -219,6 +222,7 @@ def _rank_allocation(frame: pd.DataFrame, model: str, ratio: float, value: str) 
             kw["label"] = " = ".join(_style_for(m, lbl, {})["label"] for m, lbl in members)
         # Markers help up to ~16 blocks; beyond that they merge into a thick line.
         kw.update(
+            drawstyle="steps-mid",  # a rank is per block: steps, not slopes between blocks
             markersize=3.2 if n_blocks <= 16 else 0,
             markerfacecolor="none",
             markeredgewidth=0.8,
