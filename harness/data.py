@@ -68,6 +68,31 @@ def ptb_test_sentences() -> list[str]:
     return list(load_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"])
 
 
+C4_DOCS = 2000  # SVD-LLM's c4 protocol: the first 2000 validation documents
+
+
+def c4_validation_docs() -> list[str]:
+    """C4 (en) validation documents: ``$SVDBENCH_DATA/c4/c4-validation.json`` (JSON lines with ``text``,
+    as SVD-LLM and SparseGPT ship it) or, online, the first validation shard of ``allenai/c4``.
+
+    Raises:
+        FileNotFoundError: offline without the file (the pack has no C4).
+    """
+    pack = data_dir(required=False)
+    if pack is not None:
+        path = pack / "c4" / "c4-validation.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"c4 data is not available: {path} is missing (the offline pack has no C4 validation shard). "
+                "Place SparseGPT's c4-validation.json there, or run online without SVDBENCH_DATA."
+            )
+        return _read_jsonl_text(path)[:C4_DOCS]
+    from datasets import load_dataset
+
+    shard = "en/c4-validation.00000-of-00008.json.gz"
+    return list(load_dataset("allenai/c4", data_files={"validation": shard}, split="validation")["text"][:C4_DOCS])
+
+
 def check_calibration_source(source: str) -> None:
     """Validate ``--calib`` cheaply (before any model is loaded)."""
     if source.startswith("file:"):
