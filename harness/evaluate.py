@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness import data
 from harness.perplexity import PROTOCOLS, evaluate_protocol
 from methods.registry import Registry
 
@@ -95,15 +94,21 @@ def compute_references(names: list[str], model: nn.Module, tokenizer: Any, setti
 
 
 def _zeroshot(model: nn.Module, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
+    # Imported here: lm_eval (and datasets) may be absent on some GPU images; everything else
+    # in the harness must still import and run.
     from harness.zeroshot import evaluate_zeroshot
 
     return evaluate_zeroshot(model, tokenizer, s.tasks, limit=s.limit, batch_size=s.batch_size, seed=s.seed)
 
 
 def _zeroshot_preflight() -> None:
-    from harness.zeroshot import require_lm_eval
+    from harness.zeroshot import lm_eval_version
 
-    require_lm_eval()
+    lm_eval_version()  # raises ZeroShotDependencyError naming the missing package
+
+
+EVALUATIONS.register("zeroshot", _zeroshot)
+PREFLIGHT["zeroshot"] = _zeroshot_preflight
 
 
 def preflight(names: list[str], encoder: bool = False) -> None:
@@ -118,21 +123,10 @@ def preflight(names: list[str], encoder: bool = False) -> None:
             check()
 
 
-def register_zeroshot() -> None:
-    """Register ``zeroshot`` (lm-eval) if its module is present in this build."""
-    try:
-        import harness.zeroshot  # noqa: F401
-    except ImportError:
-        return
-    if "zeroshot" not in EVALUATIONS:
-        EVALUATIONS.register("zeroshot", _zeroshot)
-        PREFLIGHT["zeroshot"] = _zeroshot_preflight
-
-
 def run_evaluations(names: list[str], model: nn.Module, tokenizer: Any, settings: EvalSettings) -> dict[str, Any]:
     """Run each named evaluation; returns ``{name: result}``."""
     model.eval()
     return {name: EVALUATIONS.get(name)(model, tokenizer, settings) for name in names}
 
 
-__all__ = ["EVALUATIONS", "EvalSettings", "compute_references", "preflight", "run_evaluations", "data"]
+__all__ = ["EVALUATIONS", "EvalSettings", "compute_references", "preflight", "run_evaluations"]

@@ -21,7 +21,7 @@ import torch
 from harness import data
 from harness.cache import STATS_VERSION, cache_path, load_dense_stats, save_dense_stats
 from harness.compress import compress_model, restore
-from harness.evaluate import EvalSettings, compute_references, preflight, register_zeroshot, run_evaluations
+from harness.evaluate import EvalSettings, compute_references, preflight, run_evaluations
 from harness.models import discover, fingerprint, is_encoder_config, load_model, max_positions, read_config
 from harness.records import (
     SCHEMA_VERSION,
@@ -103,7 +103,6 @@ def prepare(cfg: RunConfig) -> Prepared:
     for n, v in (("calib-samples", cfg.calib_samples), ("calib-seqlen", cfg.calib_seqlen), ("eval-batch-size", cfg.eval_batch_size)):
         if v is not None and v < 1:
             raise ValueError(f"--{n} must be positive, got {v}")
-    register_zeroshot()
     model_config = read_config(cfg.model)
     preflight(list(cfg.evals), encoder=is_encoder_config(model_config))
     data.check_calibration_source(cfg.calib)
