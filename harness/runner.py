@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ from harness import data
 from harness.cache import STATS_VERSION, cache_path, load_dense_stats, save_dense_stats
 from harness.compress import compress_model, restore
 from harness.evaluate import EvalSettings, compute_references, preflight, run_evaluations
-from harness.models import discover, fingerprint, is_encoder_config, load_model, max_positions, read_config
+from harness.models import (
+    discover,
+    fingerprint,
+    is_encoder_config,
+    load_model,
+    max_positions,
+    read_config,
+    resolve_model_path,
+)
 from harness.records import (
     SCHEMA_VERSION,
     peak_memory_bytes,
@@ -116,6 +125,63 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg, methods, device, dtype, eval_seqlen, calib_seqlen)
 
 
+def key_fields(prep: Prepared, model_info: Mapping[str, Any], method: dict[str, Any], ratio: float,
+               calib: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything that determines a cell's result; its hash is the run key (the record's file name).
+
+    The one definition shared by :class:`Session` (which writes records) and :func:`planned_keys`
+    (which finds them without loading weights), so the two can never disagree.
+
+    Args:
+        prep: The validated run.
+        model_info: :func:`harness.models.fingerprint` of the model (id, revision, content hash).
+        method: ``{"name": ..., "config": ...}`` (``{"name": "dense"}`` for the dense record).
+        ratio: Requested ratio (0.0 for dense).
+        calib: :meth:`harness.data.Calibration.record` (None for dense).
+    """
+    cfg = prep.config
+    return {
+        "model": {k: model_info.get(k) for k in ("id", "revision", "content_hash")},
+        "dtype": prep.dtype,
+        "method": method,
+        "ratio": ratio,
+        "calibration": calib,
+        "evals": sorted(cfg.evals),
+        "eval": {"seqlen": prep.eval_seqlen, "max_windows": cfg.eval_max_windows, "limit": cfg.limit, "tasks": cfg.tasks},
+        "svdbench": svdbench_version(),
+    }
+
+
+def draw_calibration(prep: Prepared, tokenizer: Any, encoder: bool) -> data.Calibration:
+    """The run's calibration windows (needs only the tokenizer, not the weights)."""
+    cfg = prep.config
+    sampler = data.sample_paragraph_calibration if encoder else data.sample_calibration
+    return sampler(tokenizer, cfg.calib, cfg.calib_samples, prep.calib_seqlen, cfg.seed)
+
+
+def planned_keys(prep: Prepared) -> dict[tuple[str, float], str]:
+    """Run keys of the dense record and of every (method, ratio) cell, without loading weights.
+
+    The model is identified by hashing its files and the calibration by hashing its tokens, so
+    this costs a tokenizer load and one tokenization of the calibration text.
+
+    Returns:
+        ``{("dense", 0.0): key, (method name, ratio): key, ...}``.
+    """
+    from transformers import AutoTokenizer
+
+    cfg = prep.config
+    model_info = fingerprint(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model))
+    calib = draw_calibration(prep, tokenizer, is_encoder_config(read_config(cfg.model))).record()
+    keys = {("dense", 0.0): run_key(key_fields(prep, model_info, {"name": "dense"}, 0.0, None))}
+    for method in prep.methods:
+        for ratio in cfg.ratios:
+            fields = key_fields(prep, model_info, {"name": method.name, "config": method.config()}, ratio, calib)
+            keys[(method.name, ratio)] = run_key(fields)
+    return keys
+
+
 class Session:
     """A loaded model with its dense statistics; runs cells against it."""
 
@@ -148,8 +214,7 @@ class Session:
             cfg = self.cfg
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed)
-            sampler = data.sample_paragraph_calibration if self.encoder else data.sample_calibration
-            self.calibration = sampler(self.tokenizer, cfg.calib, cfg.calib_samples, self.prep.calib_seqlen, cfg.seed)
+            self.calibration = draw_calibration(self.prep, self.tokenizer, self.encoder)
             path = self.stats_cache_path()
             cached = load_dense_stats(path) if path is not None else None
             if cached is not None:
@@ -180,17 +245,7 @@ class Session:
         return metrics, time.perf_counter() - t0
 
     def _key_fields(self, method: dict[str, Any], ratio: float, calib: dict | None) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "model": {k: self.model_info.get(k) for k in ("id", "revision", "content_hash")},
-            "dtype": self.prep.dtype,
-            "method": method,
-            "ratio": ratio,
-            "calibration": calib,
-            "evals": sorted(self.cfg.evals),
-            "eval": {"seqlen": s.seqlen, "max_windows": s.max_windows, "limit": s.limit, "tasks": s.tasks},
-            "svdbench": svdbench_version(),
-        }
+        return key_fields(self.prep, self.model_info, method, ratio, calib)
 
     def _base_record(self, key: str) -> dict[str, Any]:
         return {
