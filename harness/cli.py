@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results/demo")
     p.add_argument("--model-family", default="tiny-llama", help="reference model name (tiny-llama or tiny-opt)")
     p.set_defaults(func=_cmd_demo)
+    from harness.sweep.cli import add_sweep_subcommand
+
+    add_sweep_subcommand(sub)
     try:
         from harness.report.cli import add_report_subcommands
     except ImportError:
