@@ -23,3 +23,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs() -> dict[str, Path]:
+    """Directories of the tiny reference models, keyed by family (``"llama"``, ``"opt"``).
+
+    Trained from the data pack on first use (a few minutes each on two CPU cores) and cached under
+    ``$SVDBENCH_CACHE/reference_models``.
+    """
+    from harness.reference_models import ensure_reference_model
+
+    return {family: ensure_reference_model(f"tiny-{family}") for family in ("llama", "opt")}
