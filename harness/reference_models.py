@@ -199,6 +199,9 @@ def _deterministic_torch(device: str) -> Iterator[int]:
     """Fix threads and deterministic kernels for the duration; yield the CPU thread count used."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     use_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # On a shared, loaded machine two OpenMP threads per process oversubscribe the cores and run
+    # many times slower than one; SVDBENCH_THREADS lets the caller choose.
+    use_threads = int(os.environ.get("SVDBENCH_THREADS", use_threads))
     if device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.set_num_threads(use_threads)
