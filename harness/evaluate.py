@@ -98,7 +98,16 @@ def _zeroshot(model: nn.Module, tokenizer: Any, s: EvalSettings) -> dict[str, An
     # in the harness must still import and run.
     from harness.zeroshot import evaluate_zeroshot
 
-    return evaluate_zeroshot(model, tokenizer, s.tasks, limit=s.limit, batch_size=s.batch_size, seed=s.seed)
+    try:
+        return evaluate_zeroshot(model, tokenizer, s.tasks, limit=s.limit, batch_size=s.batch_size, seed=s.seed)
+    except AssertionError as exc:
+        # lm-eval asserts when a choice's continuation alone is longer than the model's context
+        # (e.g. long PIQA solutions on a 256-position model); it cannot score such documents.
+        limit = getattr(model.config, "max_position_embeddings", None)
+        raise ValueError(
+            f"lm-eval could not score a document of tasks {s.tasks or 'default'}: a continuation is longer "
+            f"than the model's context ({limit} positions). Use a model with a longer context or other tasks."
+        ) from exc
 
 
 def _zeroshot_preflight() -> None:

@@ -58,8 +58,10 @@ def no_network(monkeypatch):
 
 
 def test_zeroshot_and_ptb_records_on_reference_model(tiny_model_dirs, tmp_path, no_network):
-    tasks = ("openbookqa", "winogrande", "piqa")
-    pack_docs = {"openbookqa": 500, "winogrande": 1267, "piqa": 1838}
+    # PIQA is left out: some of its solutions are longer than the reference models' 256-token
+    # context, which lm-eval cannot score (asserted in harness.evaluate with a clear message).
+    tasks = ("openbookqa", "winogrande")
+    pack_docs = {"openbookqa": 500, "winogrande": 1267}
     cfg = RunConfig(model=str(tiny_model_dirs["llama"]), methods=("svd-llm",), ratios=(0.4,),
                     evals=("wikitext2", "ptb", "zeroshot"), tasks=tasks, calib=CALIB, calib_samples=32,
                     calib_seqlen=256, eval_max_windows=32, eval_batch_size=16, results=str(tmp_path))
@@ -74,5 +76,5 @@ def test_zeroshot_and_ptb_records_on_reference_model(tiny_model_dirs, tmp_path, 
             assert task["n_docs"] == pack_docs[name] and task["source"] == "local-pack"
             assert 0 <= task["acc"] <= 1 and task["acc_stderr"] is not None
             assert task["metric"] in {"acc", "acc_norm"} and task["value"] == task[task["metric"]]
-            if name != "winogrande":
+            if name == "openbookqa":
                 assert 0 <= task["acc_norm"] <= 1
