@@ -53,6 +53,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 from harness.reference_probes import activation_outlier_report, mean_token_nll
 from harness.reference_tokenizer import (
     data_checksums,
+    encode_text,
     load_training_text,
     train_reference_tokenizer,
     validation_windows,
@@ -197,7 +198,9 @@ def _lr_factor(step: int, spec: ReferenceSpec) -> float:
 @contextlib.contextmanager
 def _deterministic_torch(device: str) -> Iterator[int]:
     """Fix threads and deterministic kernels for the duration; yield the CPU thread count used."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     use_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     # On a shared, loaded machine two OpenMP threads per process oversubscribe the cores and run
     # many times slower than one; SVDBENCH_THREADS lets the caller choose.
@@ -210,7 +213,7 @@ def _deterministic_torch(device: str) -> Iterator[int]:
         yield use_threads
     finally:
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def train_reference_model(
@@ -236,7 +239,7 @@ def train_reference_model(
     checksums = data_checksums(data_dir)
     train_text, val_text = load_training_text(data_dir)
     tokenizer = train_reference_tokenizer(train_text, spec.vocab_size, spec.max_positions)
-    train_ids = torch.tensor(tokenizer.backend_tokenizer.encode(train_text, add_special_tokens=False).ids)
+    train_ids = encode_text(tokenizer, train_text)
     val = validation_windows(tokenizer, val_text, spec.max_positions)
     logger.info("%s: %d training tokens, %d validation windows", spec.name, train_ids.numel(), val.shape[0])
 

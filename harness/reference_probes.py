@@ -49,10 +49,10 @@ def activation_outlier_report(
     device = next(model.parameters()).device
     try:
         for text in texts:
-            enc = tokenizer(
-                text, return_tensors="pt", truncation=True, max_length=model.config.max_position_embeddings
-            )
-            model(input_ids=enc.input_ids.to(device))
+            # Slice rather than truncation=True: that call leaves truncation set on the backend
+            # tokenizer, and save_pretrained would write it into tokenizer.json.
+            ids = tokenizer(text, return_tensors="pt", verbose=False).input_ids
+            model(input_ids=ids[:, : model.config.max_position_embeddings].to(device))
     finally:
         for handle in handles:
             handle.remove()

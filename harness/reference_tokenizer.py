@@ -128,6 +128,19 @@ def train_reference_tokenizer(
     )
 
 
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """Token ids of a long text, without special tokens and without truncation.
+
+    Args:
+        tokenizer: The reference tokenizer.
+        text: Any text, longer than the model's positions or not.
+
+    Returns:
+        A 1-D ``long`` tensor.
+    """
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids, dtype=torch.long)
+
+
 def validation_windows(tokenizer: PreTrainedTokenizerBase, val_text: str, length: int) -> torch.Tensor:
     """Cut the held-out text into token windows as the perplexity protocol does (no BOS per window).
 
@@ -139,6 +152,6 @@ def validation_windows(tokenizer: PreTrainedTokenizerBase, val_text: str, length
     Returns:
         ``(n, length)`` token ids, non-overlapping; the remainder is dropped.
     """
-    ids = torch.tensor(tokenizer.backend_tokenizer.encode(val_text, add_special_tokens=False).ids)
+    ids = encode_text(tokenizer, val_text)
     count = ids.numel() // length
     return ids[: count * length].view(count, length)

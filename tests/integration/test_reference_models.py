@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from harness.reference_probes import mean_token_nll
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harness import reference_models as rm
+from harness.reference_probes import mean_token_nll
 from harness.reference_tokenizer import (
     DATA_ENV,
     TRAINING_FILES,
