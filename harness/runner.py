@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from harness import data
+from harness.cache import STATS_VERSION, cache_path, load_dense_stats, save_dense_stats
 from harness.compress import compress_model, restore
 from harness.evaluate import EvalSettings, preflight, register_zeroshot, run_evaluations
 from harness.models import discover, fingerprint, load_model, max_positions, read_config
@@ -133,6 +134,7 @@ class Session:
         self._dense: DenseStats | None = None
         self.stats_s = 0.0
         self.calibration = None
+        self.stats_cached = False
 
     # -- shared pieces -------------------------------------------------------------------------
     def _batches(self):
@@ -145,10 +147,25 @@ class Session:
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed)
             self.calibration = data.sample_calibration(self.tokenizer, cfg.calib, cfg.calib_samples, self.prep.calib_seqlen, cfg.seed)
-            self._dense = stream_blocks(self.model, self.layout, self._batches(), self.prep.device)
+            path = self.stats_cache_path()
+            cached = load_dense_stats(path) if path is not None else None
+            if cached is not None:
+                self._dense, self.stats_cached = cached, True
+            else:
+                self._dense = stream_blocks(self.model, self.layout, self._batches(), self.prep.device)
+                if path is not None:
+                    save_dense_stats(path, self._dense)
             self.stats_s = time.perf_counter() - t0
             log.info("dense statistics: %d tokens per layer in %.1f s", self._dense.tokens, self.stats_s)
         return self._dense
+
+    def stats_cache_path(self) -> Path | None:
+        """Statistics are cached per (model weights, dtype, calibration tokens); None without a content hash."""
+        if self.model_info.get("content_hash") is None and self.model_info.get("revision") is None or self.calibration is None:
+            return None
+        key = run_key({"model": self.model_info.get("content_hash") or self.model_info.get("revision"),
+                       "dtype": self.prep.dtype, "tokens": self.calibration.token_hash, "version": STATS_VERSION})
+        return cache_path("stats", key)
 
     def _evaluate(self) -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
@@ -248,6 +265,7 @@ class Session:
             "params_model_compressed": result.params_model_compressed,
             "metrics": metrics,
             "timings_s": {"load": self.load_s, "statistics": self.stats_s, "compress": compress_s, "eval": eval_s},
+            "statistics_cached": self.stats_cached,
             "peak_memory_bytes": peak_memory_bytes(self.prep.device)["bytes"],
             "numerics": {**result.numerics, "calibration_tokens_per_layer": dense.tokens},
             "layers": result.layers,
