@@ -144,7 +144,10 @@ def compress_model(
             for mod in layout.in_block(index):
                 _compress_one(model, mod.name, method, stats[mod.name], keeps[mod.name], result)
 
-        stream_blocks(model, layout, batches(), device, compress_block, desc=f"compress {method.name}")
+        # Stack-of-batch Grams (AdaSVD) are collected only for a component that asks for them.
+        stack = max(int(getattr(c, "stack_of_batch", 0) or 0) for c in (method.factorizer, method.refiner))
+        stream_blocks(model, layout, batches(), device, compress_block, desc=f"compress {method.name}",
+                      stack_of_batch=stack)
     else:
         for mod in layout.modules:
             _compress_one(model, mod.name, method, dense.linear[mod.name], keeps[mod.name], result)

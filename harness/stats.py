@@ -15,6 +15,12 @@ earlier blocks are already compressed (``Xh``). Both go through the dense block 
 linear sees token-aligned pairs ``(x, xh)`` and the engine accumulates ``H = sum x x^T``,
 ``Hh = sum xh xh^T`` and ``C = sum x xh^T``; then the callback compresses block i in place and the
 compressed stream advances through the compressed block.
+
+With ``stack_of_batch=mini_bsz`` (AdaSVD's stack-of-batch, METHODS.md 4.1) the hooks also shuffle
+each batch's samples with a seeded generator (the same permutation in both streams and every
+block), average consecutive groups of ``mini_bsz`` samples position by position (groups may span
+batches; an incomplete last group is dropped) and accumulate the Grams of the averaged samples
+(``gram_stacked``, and in the paired pass ``gram_hat_stacked`` / ``cross_stacked``).
 """
 
 from __future__ import annotations
@@ -165,12 +171,52 @@ class _Acc:
             self.cross = torch.zeros_like(self.gram)
 
 
+@dataclass
+class _Stacker:
+    """Stack-of-batch Grams of one linear: averages groups of ``mini_bsz`` (shuffled) samples."""
+
+    n: int
+    mini_bsz: int
+    paired: bool
+    pending: list[Tensor] = field(default_factory=list)  # (seq, n) samples of the dense stream
+    pending_hat: list[Tensor] = field(default_factory=list)
+    gram: Tensor = field(init=False)
+    gram_hat: Tensor | None = None
+    cross: Tensor | None = None
+    groups: int = 0
+
+    def __post_init__(self) -> None:
+        self.gram = torch.zeros(self.n, self.n, dtype=torch.float64)
+        if self.paired:
+            self.gram_hat = torch.zeros_like(self.gram)
+            self.cross = torch.zeros_like(self.gram)
+
+    def push(self, samples: Tensor, hat: bool) -> None:
+        """Queue ``samples: (b, seq, n)`` (already permuted); accumulate every complete group."""
+        (self.pending_hat if hat else self.pending).extend(samples.float().unbind(0))
+        if self.paired and not hat:
+            return  # groups close when the compressed stream has delivered the same samples
+        while len(self.pending) >= self.mini_bsz:
+            xs = torch.stack(self.pending[: self.mini_bsz]).mean(0)  # (seq, n): positions aligned
+            del self.pending[: self.mini_bsz]
+            self.gram += (xs.T @ xs).double().cpu()
+            if self.paired:
+                xh = torch.stack(self.pending_hat[: self.mini_bsz]).mean(0)
+                del self.pending_hat[: self.mini_bsz]
+                self.gram_hat += (xh.T @ xh).double().cpu()  # type: ignore[operator]
+                self.cross += (xs.T @ xh).double().cpu()  # type: ignore[operator]
+            self.groups += 1
+
+
 class _GramHooks:
     """Forward hooks on a block's target linears that accumulate (paired) Gram matrices."""
 
-    def __init__(self, model: nn.Module, names: list[str], paired: bool) -> None:
+    def __init__(self, model: nn.Module, names: list[str], paired: bool, stack_of_batch: int = 0) -> None:
         self.mods = {name: get_module(model, name) for name in names}
         self.acc = {name: _Acc(mod.in_features, paired) for name, mod in self.mods.items()}
+        self.stack = {name: _Stacker(mod.in_features, stack_of_batch, paired)
+                      for name, mod in self.mods.items()} if stack_of_batch else {}
+        self.perm: Tensor | None = None  # sample permutation of the current batch (stack-of-batch)
         self.mask: Tensor | None = None
         self.mode = "dense"  # or "hat": the compressed stream, paired with the last dense batch
         self.last: dict[str, Tensor] = {}
@@ -178,6 +224,10 @@ class _GramHooks:
 
     def _hook(self, name: str) -> Callable:
         def hook(_mod: nn.Module, inputs: tuple, _out: Tensor) -> None:
+            if self.stack:
+                # (batch, seq, n) even for models that flatten tokens before a linear (OPT's fc1).
+                samples = inputs[0].reshape(self.perm.shape[0], -1, inputs[0].shape[-1])  # type: ignore[union-attr]
+                self.stack[name].push(samples[self.perm.to(samples.device)], hat=self.mode != "dense")  # type: ignore[union-attr]
             x = inputs[0].reshape(-1, inputs[0].shape[-1])
             if self.mask is not None:
                 x = x[self.mask.reshape(-1)]
@@ -197,7 +247,10 @@ class _GramHooks:
     def remove(self) -> dict[str, LinearStats]:
         for h in self.handles:
             h.remove()
-        return {n: LinearStats(a.gram, a.tokens, a.gram_hat, a.cross) for n, a in self.acc.items()}
+        out = {n: LinearStats(a.gram, a.tokens, a.gram_hat, a.cross) for n, a in self.acc.items()}
+        for n, st in self.stack.items():
+            out[n].gram_stacked, out[n].gram_hat_stacked, out[n].cross_stacked = st.gram, st.gram_hat, st.cross
+        return out
 
 
 def _masked_cosine(a: Tensor, b: Tensor, mask: Tensor | None) -> tuple[float, int]:
@@ -230,6 +283,8 @@ def stream_blocks(
     device: torch.device,
     compress_block: Callable[[int, dict[str, LinearStats]], None] | None = None,
     desc: str = "statistics",
+    stack_of_batch: int = 0,
+    stack_seed: int = 0,
 ) -> DenseStats:
     """Stream the blocks (module docstring); with ``compress_block`` also the compressed stream.
 
@@ -241,23 +296,34 @@ def stream_blocks(
         device: Where each block runs.
         compress_block: ``f(block_index, stats)`` that replaces the block's linears in place.
         desc: Progress-bar label.
+        stack_of_batch: ``mini_bsz`` of the stack-of-batch Grams (module docstring); 0 = off.
+        stack_seed: Seed of the per-batch sample permutations.
 
     Returns:
         The dense statistics (Grams of the dense stream, block cosines).
     """
     paired = compress_block is not None
     hats = [b.hidden for b in batches] if paired else []
+    perms: list[Tensor | None] = [None] * len(batches)
+    if stack_of_batch:
+        if any(b.mask is not None for b in batches):
+            raise ValueError("stack_of_batch averages whole samples; it does not support masked (padded) batches")
+        if sum(b.hidden.shape[0] for b in batches) < stack_of_batch:
+            raise ValueError(f"stack_of_batch={stack_of_batch} exceeds the number of calibration samples")
+        # One permutation per batch, shared by both streams and by every block (same groups everywhere).
+        perms = [torch.randperm(b.hidden.shape[0], generator=torch.Generator().manual_seed(stack_seed * 100_003 + j))
+                 for j, b in enumerate(batches)]
     all_stats: dict[str, LinearStats] = {}
     cosines: list[float] = []
     tokens = 0
     for i, block in enumerate(tqdm(layout.blocks, desc=desc, unit="block", leave=False)):
         home = next(block.parameters()).device
         block.to(device)
-        hooks = _GramHooks(model, [m.name for m in layout.in_block(i)], paired)
+        hooks = _GramHooks(model, [m.name for m in layout.in_block(i)], paired, stack_of_batch)
         cos_sum, cos_n = 0.0, 0
         outs = []
         for j, batch in enumerate(batches):
-            hooks.mask = batch.mask
+            hooks.mask, hooks.perm = batch.mask, perms[j]
             hooks.mode = "dense"
             out = run_block(block, batch)
             s, n = _masked_cosine(batch.hidden, out, batch.mask)
@@ -274,6 +340,7 @@ def stream_blocks(
             hats = [run_block(block, b, h) for b, h in zip(batches, hats, strict=True)]
             for st in stats.values():  # keep only the dense Gram for the caller; the rest was used
                 st.gram_hat = st.cross = None
+                st.gram_stacked = st.gram_hat_stacked = st.cross_stacked = None
         all_stats.update(stats)
         for batch, out in zip(batches, outs, strict=True):
             batch.hidden = out

@@ -56,12 +56,19 @@ class LinearStats:
         gram_hat: ``sum_t xh_t xh_t^T`` over inputs of the model whose earlier blocks are already
             compressed (only collected when a component asks for compressed inputs).
         cross: ``sum_t x_t xh_t^T: (n, n)``, dense by compressed inputs (same token pairs).
+        gram_stacked: Stack-of-batch Gram ``sum_j xbar_j xbar_j^T`` over averaged groups of
+            ``mini_bsz`` shuffled samples (token positions aligned), only when a component asks for
+            it (``stack_of_batch`` option); ``gram_hat_stacked`` / ``cross_stacked`` are the same
+            for the compressed stream and the dense-by-compressed pairs (paired pass only).
     """
 
     gram: Tensor
     tokens: int
     gram_hat: Tensor | None = None
     cross: Tensor | None = None
+    gram_stacked: Tensor | None = None
+    gram_hat_stacked: Tensor | None = None
+    cross_stacked: Tensor | None = None
     _white: Whitening | None = field(default=None, repr=False)
 
     def whitening(self) -> Whitening:

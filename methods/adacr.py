@@ -1,0 +1,144 @@
+"""adaCR: per-block keep ratios from block importance (AdaSVD, METHODS.md 4.2).
+
+Block importance from the similarity of each decoder block's input and output hidden states
+(``AllocationContext.block_cosine``: mean over calibration tokens of ``cos(x_in, x_out)``):
+
+    I_l   = 1 - cos_l                    (importance="dissimilarity", default; ShortGPT-style)
+    I_n(l) = I_l / mean_l(I_l)           (mean 1)
+    CR_l  = mrr + I_n(l) (trr - mrr)     (retention ratio of block l; trr = 1 - ratio)
+
+so ``mean_l CR_l = trr`` and a block that changes the hidden state more keeps more parameters.
+Every target linear of block l gets keep ``CR_l``. The AdaSVD figure's importance curve is highest
+for the first and last blocks; on trained decoders those are the blocks with the lowest
+input/output cosine, hence the ``1 - cos`` sign (``importance="similarity"`` uses ``cos`` for the
+opposite hypothesis).
+
+Clipping and exact budget: ``CR_l`` is clipped to ``[min_keep, max_keep]`` and then a common shift
+``c`` (``CR_l = clip(mrr + I_n(l) (trr - mrr) + c)``) is found by bisection so that the
+parameter-weighted mean keep equals trr exactly, also when blocks differ in size or some saturate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+from methods.components import AllocationContext, register
+
+log = logging.getLogger(__name__)
+
+IMPORTANCES = ("dissimilarity", "similarity")
+
+
+def block_importance(block_cosine: list[float], importance: str = "dissimilarity") -> list[float]:
+    """Mean-normalised block importance ``I_n`` (module docstring).
+
+    Args:
+        block_cosine: Per block, mean ``cos(block input, block output)``.
+        importance: ``dissimilarity`` (``1 - cos``) or ``similarity`` (``cos``).
+
+    Returns:
+        ``I_n`` per block, mean 1 (all ones when the raw importances do not have a positive mean).
+    """
+    if importance not in IMPORTANCES:
+        raise ValueError(f"adacr.importance must be one of {IMPORTANCES}, got {importance!r}")
+    raw = [1.0 - c if importance == "dissimilarity" else c for c in block_cosine]
+    raw = [max(r, 0.0) for r in raw]  # cos in [-1, 1]; a negative similarity means "no similarity"
+    mean = sum(raw) / len(raw)
+    if mean <= 1e-12:
+        log.warning("adacr: block importances are all ~0; falling back to uniform keep")
+        return [1.0] * len(raw)
+    return [r / mean for r in raw]
+
+
+def _clipped(base: list[float], shift: float, lo: float, hi: float) -> list[float]:
+    return [min(max(x + shift, lo), hi) for x in base]
+
+
+def budgeted_keeps(
+    importance_n: list[float], weights: list[float], trr: float, mrr: float, lo: float, hi: float
+) -> list[float]:
+    """``CR_l = clip(mrr + I_n(l) (trr - mrr) + c, lo, hi)`` with ``c`` giving weighted mean ``trr``.
+
+    Args:
+        importance_n: Mean-normalised importance per block.
+        weights: Parameters of the target linears per block.
+        trr: Target retention ratio (``1 - ratio``).
+        mrr: Minimum retention ratio of the AdaSVD formula.
+        lo: Lower clip bound.
+        hi: Upper clip bound.
+
+    Returns:
+        Keep per block in ``[lo, hi]`` with ``sum w_l CR_l / sum w_l = trr`` (to 1e-12).
+
+    Raises:
+        ValueError: when ``trr`` is outside ``[lo, hi]`` (no feasible allocation).
+    """
+    if not lo <= trr <= hi:
+        raise ValueError(f"adacr: target keep {trr:.4f} is outside the clip bounds [{lo}, {hi}]")
+    base = [mrr + i * (trr - mrr) for i in importance_n]
+    total = sum(weights)
+
+    def mean_keep(shift: float) -> float:
+        return sum(w * k for w, k in zip(weights, _clipped(base, shift, lo, hi), strict=True)) / total
+
+    # mean_keep is continuous and non-decreasing in the shift; all-lo at the left end, all-hi at the right.
+    left, right = lo - max(base), hi - min(base)
+    for _ in range(200):
+        mid = 0.5 * (left + right)
+        if mean_keep(mid) < trr:
+            left = mid
+        else:
+            right = mid
+        if right - left < 1e-15:
+            break
+    return _clipped(base, 0.5 * (left + right), lo, hi)
+
+
+@register("allocator")
+@dataclass(frozen=True)
+class AdaCRAllocator:
+    """adaCR (module docstring).
+
+    Attributes:
+        mrr_delta: ``trr - mrr``, the half-width of the band the importance spreads the keep over
+            (keep_l = trr + (I_n(l) - 1) * mrr_delta before clipping). Default 0.1 (mrr = trr - 0.1);
+            METHODS.md reads mrr ~= trr - 0.05 off the AdaSVD figure (LLaMA-2-7B, 40 %).
+        mrr: Absolute minimum retention ratio; overrides ``mrr_delta`` when given.
+        min_keep: Lower clip bound of a block's keep.
+        max_keep: Upper clip bound (1 = the block may stay dense).
+        importance: ``dissimilarity`` (I = 1 - cos, default) or ``similarity`` (I = cos).
+    """
+
+    name: ClassVar[str] = "adacr"
+    mrr_delta: float = 0.1
+    mrr: float | None = None
+    min_keep: float = 0.05
+    max_keep: float = 1.0
+    importance: str = "dissimilarity"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_keep <= self.max_keep <= 1.0:
+            raise ValueError(f"adacr needs 0 < min_keep <= max_keep <= 1, got {self.min_keep}, {self.max_keep}")
+        if self.importance not in IMPORTANCES:
+            raise ValueError(f"adacr.importance must be one of {IMPORTANCES}, got {self.importance!r}")
+
+    def block_keeps(self, ctx: AllocationContext, ratio: float) -> list[float]:
+        """Keep ratio per decoder block at compression ``ratio``."""
+        if ctx.block_cosine is None or len(ctx.block_cosine) != ctx.n_blocks:
+            raise ValueError("adacr needs AllocationContext.block_cosine for every block (dense statistics pass)")
+        trr = 1.0 - ratio
+        mrr = self.mrr if self.mrr is not None else trr - self.mrr_delta
+        weights = [0.0] * ctx.n_blocks
+        for mod in ctx.modules:
+            weights[mod.block] += mod.params
+        imp = block_importance(list(ctx.block_cosine), self.importance)
+        # Blocks without target linears carry no budget; give them weight so the mean stays defined.
+        keeps = budgeted_keeps(imp, [w or 1e-30 for w in weights], trr, mrr, self.min_keep, self.max_keep)
+        log.info("adacr keeps per block: %s", ", ".join(f"{k:.3f}" for k in keeps))
+        return keeps
+
+    def allocate(self, ctx: AllocationContext, ratio: float) -> dict[str, float]:
+        keeps = self.block_keeps(ctx, ratio)
+        return {mod.name: keeps[mod.block] for mod in ctx.modules}
