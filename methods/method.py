@@ -161,7 +161,13 @@ def split_method_list(text: str) -> list[str]:
 
 
 def rank_for(out_features: int, in_features: int, keep: float) -> int | None:
-    """Rank at ``keep``, or None when factoring would not save storage (the module stays dense)."""
+    """Rank at ``keep``, or None when factoring would not save storage (the module stays dense).
+
+    ``keep >= 1`` always means dense: for a non-square matrix ``floor(m n / (m + n))`` can still
+    save a few parameters, and factoring it would silently change a module the allocator left alone.
+    """
+    if keep >= 1.0:
+        return None
     k = rank_from_keep(out_features, in_features, keep)
     if lowrank_params(out_features, in_features, k) >= out_features * in_features:
         return None

@@ -1,0 +1,1 @@
+"""Integration tests (tiny models through the engine); a package so basenames may repeat tests/unit."""
