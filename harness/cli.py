@@ -21,24 +21,29 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Model, calibration, device and seed flags (shared by run and spectra)."""
     p.add_argument("--model", required=True, help="hub id, local directory (save_pretrained layout) or alias (minilm-l6)")
+    p.add_argument("--calib", default="wikitext2", help="wikitext2 (train split, online) or file:PATH (plain text)")
+    p.add_argument("--calib-samples", type=int, default=256)
+    p.add_argument("--calib-seqlen", type=int, default=None, help="default: min(2048, model max positions)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    p.add_argument("--dtype", default="auto", help="float16, bfloat16 or float32 (auto: float16 on cuda, float32 on cpu)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
     p.add_argument("--method", required=True, type=lambda s: tuple(split_method_list(s)),
                    help="comma-separated methods, e.g. svd,svd-llm or svd-llm+adacomp[adacomp.iters=5]")
     p.add_argument("--ratio", required=True, type=_floats, help="fractions of target-linear parameters removed, e.g. 0.2,0.4")
     p.add_argument("--eval", default="wikitext2", type=_names, help="evaluations: wikitext2, ptb, c4, zeroshot, ...")
-    p.add_argument("--calib", default="wikitext2", help="wikitext2 (train split, online) or file:PATH (plain text)")
-    p.add_argument("--calib-samples", type=int, default=256)
-    p.add_argument("--calib-seqlen", type=int, default=None, help="default: min(2048, model max positions)")
     p.add_argument("--eval-seqlen", type=int, default=None, help="default: min(2048, model max positions)")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--eval-max-windows", type=int, default=None,
                    help="smoke runs: score only the first N perplexity windows (recorded in the protocol id)")
     p.add_argument("--tasks", type=_names, default=None, help="lm-eval tasks for --eval zeroshot")
     p.add_argument("--limit", type=int, default=None, help="lm-eval --limit (smoke only; recorded, refused by leaderboards)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    p.add_argument("--dtype", default="auto", help="float16, bfloat16 or float32 (auto: float16 on cuda, float32 on cpu)")
     p.add_argument("--results", default="results", help="directory for the JSON records")
 
 
@@ -53,6 +58,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     for path in run(cfg):
         print(path)
+    return 0
+
+
+def _cmd_spectra(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness.runner import RunConfig, Session, prepare
+    from harness.spectra_dump import dump_spectra
+
+    cfg = RunConfig(model=args.model, methods=("svd-llm",), ratios=(args.ratio or 0.5,), evals=(), calib=args.calib,
+                    calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+                    device=args.device, dtype=args.dtype)
+    print(dump_spectra(Session(prepare(cfg)), Path(args.out), args.ratio))
     return 0
 
 
@@ -81,12 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="compress a model with methods at ratios and evaluate; one JSON record per cell")
     add_run_arguments(p)
     p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("spectra", help="dump plain and whitened singular-value spectra of every target linear (JSON)")
+    add_model_arguments(p)
+    p.add_argument("--ratio", type=float, default=None, help="also record the rank kept at this ratio")
+    p.add_argument("--out", required=True, help="output JSON file (input of: svdbench plot --kind spectra)")
+    p.set_defaults(func=_cmd_spectra)
     p = sub.add_parser("methods", help="list registered methods and components")
     p.set_defaults(func=_cmd_methods)
     p = sub.add_parser("demo", help="offline end-to-end run on the tiny reference model (needs SVDBENCH_DATA)")
     p.add_argument("--results", default="results/demo")
     p.add_argument("--model-family", default="tiny-llama", help="reference model name (tiny-llama or tiny-opt)")
     p.set_defaults(func=_cmd_demo)
+    from harness.sweep.cli import add_sweep_subcommand
+
+    add_sweep_subcommand(sub)
     try:
         from harness.report.cli import add_report_subcommands
     except ImportError:

@@ -68,6 +68,31 @@ def ptb_test_sentences() -> list[str]:
     return list(load_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"])
 
 
+C4_DOCS = 2000  # SVD-LLM's c4 protocol: the first 2000 validation documents
+
+
+def c4_validation_docs() -> list[str]:
+    """C4 (en) validation documents: ``$SVDBENCH_DATA/c4/c4-validation.json`` (JSON lines with ``text``,
+    as SVD-LLM and SparseGPT ship it) or, online, the first validation shard of ``allenai/c4``.
+
+    Raises:
+        FileNotFoundError: offline without the file (the pack has no C4).
+    """
+    pack = data_dir(required=False)
+    if pack is not None:
+        path = pack / "c4" / "c4-validation.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"c4 data is not available: {path} is missing (the offline pack has no C4 validation shard). "
+                "Place SparseGPT's c4-validation.json there, or run online without SVDBENCH_DATA."
+            )
+        return _read_jsonl_text(path)[:C4_DOCS]
+    from datasets import load_dataset
+
+    shard = "en/c4-validation.00000-of-00008.json.gz"
+    return list(load_dataset("allenai/c4", data_files={"validation": shard}, split="validation")["text"][:C4_DOCS])
+
+
 def check_calibration_source(source: str) -> None:
     """Validate ``--calib`` cheaply (before any model is loaded)."""
     if source.startswith("file:"):
@@ -104,6 +129,8 @@ class Calibration:
         seqlen: Tokens per window.
         seed: Seed of the window sampler.
         input_ids: ``(samples, seqlen)`` int64.
+        attention_mask: ``(samples, seqlen)`` 1 for real tokens, 0 for padding (encoder paragraphs).
+        sampler: How the windows were drawn.
     """
 
     source: str
@@ -111,6 +138,8 @@ class Calibration:
     seqlen: int
     seed: int
     input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    sampler: str = "random-token-windows"
 
     @property
     def token_hash(self) -> str:
@@ -122,7 +151,7 @@ class Calibration:
             "samples": self.samples,
             "seqlen": self.seqlen,
             "seed": self.seed,
-            "sampler": "random-token-windows",
+            "sampler": self.sampler,
             "token_hash": self.token_hash,
         }
 
@@ -145,3 +174,24 @@ def sample_calibration(tokenizer: object, source: str, samples: int, seqlen: int
     starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(samples)]
     windows = torch.stack([ids[s : s + seqlen] for s in starts])
     return Calibration(source, samples, seqlen, seed, windows)
+
+
+def paragraphs(rows: list[str], min_chars: int = 80) -> list[str]:
+    """Non-heading rows longer than ``min_chars`` characters, stripped (WikiText headings look like `` = T = ``)."""
+    out = []
+    for row in rows:
+        text = row.strip()
+        if len(text) > min_chars and not text.startswith("="):
+            out.append(text)
+    return out
+
+
+def sample_paragraph_calibration(tokenizer: object, source: str, samples: int, seqlen: int, seed: int) -> Calibration:
+    """Calibration for encoders: ``samples`` random paragraphs of the source, each truncated to
+    ``seqlen`` tokens and padded; padding is excluded from every statistic through the mask."""
+    rows = paragraphs(calibration_text(source).splitlines())
+    if len(rows) < samples:
+        raise ValueError(f"calibration source {source!r} has {len(rows)} paragraphs, fewer than {samples}")
+    picked = random.Random(seed).sample(rows, samples)
+    enc = tokenizer(picked, truncation=True, max_length=seqlen, padding="max_length", return_tensors="pt")  # type: ignore[operator]
+    return Calibration(source, samples, seqlen, seed, enc.input_ids, enc.attention_mask, "random-paragraphs-padded")

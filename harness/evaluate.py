@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness import data
 from harness.perplexity import PROTOCOLS, evaluate_protocol
 from methods.registry import Registry
 
@@ -62,36 +61,66 @@ for _name, _proto in PROTOCOLS.items():
     PREFLIGHT[_name] = lambda p=_proto: p.rows() and None
 
 
+# Evaluations that compare against the dense model compute their reference here, once per run,
+# on the dense model before any cell is compressed.
+REFERENCES: dict[str, Callable[[nn.Module, Any, EvalSettings], None]] = {}
+# Evaluations that need a causal LM (next-token logits); an encoder is refused before loading.
+CAUSAL_ONLY = set(PROTOCOLS) | {"zeroshot"}
+
+
+def _embed_fidelity(model: nn.Module, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
+    from harness.embedding import embed_fidelity
+
+    return embed_fidelity(model, tokenizer, s.cache, s.device)
+
+
+def _embed_reference(model: nn.Module, tokenizer: Any, s: EvalSettings) -> None:
+    from harness.embedding import embed_reference
+
+    embed_reference(model, tokenizer, s.cache, s.device)
+
+
+EVALUATIONS.register("embed-fidelity", _embed_fidelity)
+REFERENCES["embed-fidelity"] = _embed_reference
+PREFLIGHT["embed-fidelity"] = PREFLIGHT["wikitext2"]
+
+
+def compute_references(names: list[str], model: nn.Module, tokenizer: Any, settings: EvalSettings) -> None:
+    """Dense-model references of the named evaluations (no-op for those without one)."""
+    model.eval()
+    for name in names:
+        if name in REFERENCES:
+            REFERENCES[name](model, tokenizer, settings)
+
+
 def _zeroshot(model: nn.Module, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
+    # Imported here: lm_eval (and datasets) may be absent on some GPU images; everything else
+    # in the harness must still import and run.
     from harness.zeroshot import evaluate_zeroshot
 
     return evaluate_zeroshot(model, tokenizer, s.tasks, limit=s.limit, batch_size=s.batch_size, seed=s.seed)
 
 
 def _zeroshot_preflight() -> None:
-    from harness.zeroshot import require_lm_eval
+    from harness.zeroshot import lm_eval_version
 
-    require_lm_eval()
+    lm_eval_version()  # raises ZeroShotDependencyError naming the missing package
 
 
-def preflight(names: list[str]) -> None:
-    """Fail fast for unknown evaluations or missing data / packages, before loading a model."""
+EVALUATIONS.register("zeroshot", _zeroshot)
+PREFLIGHT["zeroshot"] = _zeroshot_preflight
+
+
+def preflight(names: list[str], encoder: bool = False) -> None:
+    """Fail fast for unknown evaluations, missing data / packages, or an evaluation the model
+    type cannot take (perplexity of an encoder), before loading a model."""
     for name in names:
+        if encoder and name in CAUSAL_ONLY:
+            raise ValueError(f"evaluation {name!r} needs a causal LM, but the model is an encoder; use --eval embed-fidelity")
         EVALUATIONS.get(name)
         check = PREFLIGHT.get(name)
         if check is not None:
             check()
-
-
-def register_zeroshot() -> None:
-    """Register ``zeroshot`` (lm-eval) if its module is present in this build."""
-    try:
-        import harness.zeroshot  # noqa: F401
-    except ImportError:
-        return
-    if "zeroshot" not in EVALUATIONS:
-        EVALUATIONS.register("zeroshot", _zeroshot)
-        PREFLIGHT["zeroshot"] = _zeroshot_preflight
 
 
 def run_evaluations(names: list[str], model: nn.Module, tokenizer: Any, settings: EvalSettings) -> dict[str, Any]:
@@ -100,4 +129,4 @@ def run_evaluations(names: list[str], model: nn.Module, tokenizer: Any, settings
     return {name: EVALUATIONS.get(name)(model, tokenizer, settings) for name in names}
 
 
-__all__ = ["EVALUATIONS", "EvalSettings", "preflight", "run_evaluations", "data"]
+__all__ = ["EVALUATIONS", "EvalSettings", "compute_references", "preflight", "run_evaluations"]

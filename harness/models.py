@@ -10,7 +10,6 @@ for a family where the rule fails. Targets are every ``nn.Linear`` inside the bl
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -199,7 +198,8 @@ def fingerprint(model_id: str, full_hash_limit: int = 2 << 30) -> dict[str, obje
     plus its first and last 16 MiB (fast on 7B checkpoints, still changes with any retraining).
     """
     path = Path(resolve_model_path(model_id))
-    info: dict[str, object] = {"id": model_id, "name": path.name if path.exists() else model_id.split("/")[-1]}
+    name = model_id if model_id in MODEL_ALIASES else (path.name if path.exists() else model_id.split("/")[-1])
+    info: dict[str, object] = {"id": model_id, "name": name}
     if not path.is_dir():
         info["revision"] = os.environ.get("SVDBENCH_MODEL_REVISION")
         info["content_hash"] = None
@@ -227,7 +227,3 @@ def fingerprint(model_id: str, full_hash_limit: int = 2 << 30) -> dict[str, obje
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def describe_config(config: object) -> str:
-    return json.dumps({k: getattr(config, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size")})

@@ -8,7 +8,11 @@ are counted and reported; the perplexity is then ``None`` (never silently skippe
 ``ppl_finite_windows`` gives the value over the finite windows for diagnosis.
 
 ``ptb@test-L``: the Penn Treebank test sentences (``ptb_text_only`` test, lines stripped) joined by
-``"\\n\\n"`` as SVD-LLM does, same windowing.
+``"\\n\\n"`` as SVD-LLM does, same windowing. (GPTQ's older ``ptb`` evaluates the validation split.)
+
+``c4@svdllm-L``: SVD-LLM's C4 variant, the first 2000 documents of the C4 (en) validation shard
+joined by ``"\\n\\n"``, same windowing. GPTQ's ``c4`` (256 random windows) is a different number;
+the protocol id says which one a record holds.
 """
 
 from __future__ import annotations
@@ -44,17 +48,10 @@ class PerplexityProtocol:
         return self.joiner.join(self.rows())
 
 
-def _c4_rows() -> list[str]:
-    raise FileNotFoundError(
-        "c4 data is not available: the offline pack has no C4 validation shard. Online, use --eval c4 with "
-        "network access, or place c4-validation.json under $SVDBENCH_DATA/c4/"
-    )
-
-
 PROTOCOLS: dict[str, PerplexityProtocol] = {
     "wikitext2": PerplexityProtocol("wikitext2", data.wikitext2_test_rows, "\n\n"),
     "ptb": PerplexityProtocol("ptb", data.ptb_test_sentences, "\n\n", "test"),
-    "c4": PerplexityProtocol("c4", _c4_rows, "\n\n", "svdllm"),
+    "c4": PerplexityProtocol("c4", data.c4_validation_docs, "\n\n", "svdllm"),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,18 @@ from typing import Any
 import torch
 
 from harness import data
+from harness.cache import STATS_VERSION, cache_path, load_dense_stats, save_dense_stats
 from harness.compress import compress_model, restore
-from harness.evaluate import EvalSettings, preflight, register_zeroshot, run_evaluations
-from harness.models import discover, fingerprint, load_model, max_positions, read_config
+from harness.evaluate import EvalSettings, compute_references, preflight, run_evaluations
+from harness.models import (
+    discover,
+    fingerprint,
+    is_encoder_config,
+    load_model,
+    max_positions,
+    read_config,
+    resolve_model_path,
+)
 from harness.records import (
     SCHEMA_VERSION,
     peak_memory_bytes,
@@ -103,10 +113,10 @@ def prepare(cfg: RunConfig) -> Prepared:
     for n, v in (("calib-samples", cfg.calib_samples), ("calib-seqlen", cfg.calib_seqlen), ("eval-batch-size", cfg.eval_batch_size)):
         if v is not None and v < 1:
             raise ValueError(f"--{n} must be positive, got {v}")
-    register_zeroshot()
-    preflight(list(cfg.evals))
+    model_config = read_config(cfg.model)
+    preflight(list(cfg.evals), encoder=is_encoder_config(model_config))
     data.check_calibration_source(cfg.calib)
-    limit = max_positions(read_config(cfg.model))
+    limit = max_positions(model_config)
     if cfg.eval_seqlen is not None and limit is not None and cfg.eval_seqlen > limit:
         raise ValueError(f"--eval-seqlen {cfg.eval_seqlen} exceeds the model's maximum of {limit} positions")
     if cfg.calib_seqlen is not None and limit is not None and cfg.calib_seqlen > limit:
@@ -114,6 +124,63 @@ def prepare(cfg: RunConfig) -> Prepared:
     eval_seqlen = cfg.eval_seqlen or min(2048, limit or 2048)
     calib_seqlen = cfg.calib_seqlen or min(2048, limit or 2048)
     return Prepared(cfg, methods, device, dtype, eval_seqlen, calib_seqlen)
+
+
+def key_fields(prep: Prepared, model_info: Mapping[str, Any], method: dict[str, Any], ratio: float,
+               calib: dict[str, Any] | None) -> dict[str, Any]:
+    """Everything that determines a cell's result; its hash is the run key (the record's file name).
+
+    The one definition shared by :class:`Session` (which writes records) and :func:`planned_keys`
+    (which finds them without loading weights), so the two can never disagree.
+
+    Args:
+        prep: The validated run.
+        model_info: :func:`harness.models.fingerprint` of the model (id, revision, content hash).
+        method: ``{"name": ..., "config": ...}`` (``{"name": "dense"}`` for the dense record).
+        ratio: Requested ratio (0.0 for dense).
+        calib: :meth:`harness.data.Calibration.record` (None for dense).
+    """
+    cfg = prep.config
+    return {
+        "model": {k: model_info.get(k) for k in ("id", "revision", "content_hash")},
+        "dtype": prep.dtype,
+        "method": method,
+        "ratio": ratio,
+        "calibration": calib,
+        "evals": sorted(cfg.evals),
+        "eval": {"seqlen": prep.eval_seqlen, "max_windows": cfg.eval_max_windows, "limit": cfg.limit, "tasks": cfg.tasks},
+        "svdbench": svdbench_version(),
+    }
+
+
+def draw_calibration(prep: Prepared, tokenizer: Any, encoder: bool) -> data.Calibration:
+    """The run's calibration windows (needs only the tokenizer, not the weights)."""
+    cfg = prep.config
+    sampler = data.sample_paragraph_calibration if encoder else data.sample_calibration
+    return sampler(tokenizer, cfg.calib, cfg.calib_samples, prep.calib_seqlen, cfg.seed)
+
+
+def planned_keys(prep: Prepared) -> dict[tuple[str, float], str]:
+    """Run keys of the dense record and of every (method, ratio) cell, without loading weights.
+
+    The model is identified by hashing its files and the calibration by hashing its tokens, so
+    this costs a tokenizer load and one tokenization of the calibration text.
+
+    Returns:
+        ``{("dense", 0.0): key, (method name, ratio): key, ...}``.
+    """
+    from transformers import AutoTokenizer
+
+    cfg = prep.config
+    model_info = fingerprint(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model))
+    calib = draw_calibration(prep, tokenizer, is_encoder_config(read_config(cfg.model))).record()
+    keys = {("dense", 0.0): run_key(key_fields(prep, model_info, {"name": "dense"}, 0.0, None))}
+    for method in prep.methods:
+        for ratio in cfg.ratios:
+            fields = key_fields(prep, model_info, {"name": method.name, "config": method.config()}, ratio, calib)
+            keys[(method.name, ratio)] = run_key(fields)
+    return keys
 
 
 class Session:
@@ -126,6 +193,7 @@ class Session:
         self.model, self.tokenizer = load_model(cfg.model, prep.dtype)
         self.load_s = time.perf_counter() - t0
         self.layout = discover(self.model)
+        self.encoder = is_encoder_config(self.model.config)
         self.model_info = {**fingerprint(cfg.model), "family": getattr(self.model.config, "model_type", None), "n_blocks": self.layout.n_blocks}
         self.settings = EvalSettings(
             prep.eval_seqlen, cfg.eval_batch_size, cfg.eval_max_windows, cfg.limit, cfg.tasks, cfg.seed, prep.device
@@ -134,23 +202,40 @@ class Session:
         self._dense: DenseStats | None = None
         self.stats_s = 0.0
         self.calibration = None
+        self.stats_cached = False
         self._probes: dict[str, Any] | None = None
 
     # -- shared pieces -------------------------------------------------------------------------
     def _batches(self):
         assert self.calibration is not None
-        return capture_block_inputs(self.model, self.layout, self.calibration.input_ids, self.prep.device)
+        cal = self.calibration
+        return capture_block_inputs(self.model, self.layout, cal.input_ids, self.prep.device, attention_mask=cal.attention_mask)
 
     def dense_stats(self) -> DenseStats:
         if self._dense is None:
             cfg = self.cfg
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed)
-            self.calibration = data.sample_calibration(self.tokenizer, cfg.calib, cfg.calib_samples, self.prep.calib_seqlen, cfg.seed)
-            self._dense = stream_blocks(self.model, self.layout, self._batches(), self.prep.device)
+            self.calibration = draw_calibration(self.prep, self.tokenizer, self.encoder)
+            path = self.stats_cache_path()
+            cached = load_dense_stats(path) if path is not None else None
+            if cached is not None:
+                self._dense, self.stats_cached = cached, True
+            else:
+                self._dense = stream_blocks(self.model, self.layout, self._batches(), self.prep.device)
+                if path is not None:
+                    save_dense_stats(path, self._dense)
             self.stats_s = time.perf_counter() - t0
             log.info("dense statistics: %d tokens per layer in %.1f s", self._dense.tokens, self.stats_s)
         return self._dense
+
+    def stats_cache_path(self) -> Path | None:
+        """Statistics are cached per (model weights, dtype, calibration tokens); None without a content hash."""
+        if self.model_info.get("content_hash") is None and self.model_info.get("revision") is None or self.calibration is None:
+            return None
+        key = run_key({"model": self.model_info.get("content_hash") or self.model_info.get("revision"),
+                       "dtype": self.prep.dtype, "tokens": self.calibration.token_hash, "version": STATS_VERSION})
+        return cache_path("stats", key)
 
     def probes(self) -> dict[str, Any]:
         """Engine measurements offered to allocators (``AllocationContext.probes``), built once.
@@ -177,17 +262,7 @@ class Session:
         return metrics, time.perf_counter() - t0
 
     def _key_fields(self, method: dict[str, Any], ratio: float, calib: dict | None) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "model": {k: self.model_info.get(k) for k in ("id", "revision", "content_hash")},
-            "dtype": self.prep.dtype,
-            "method": method,
-            "ratio": ratio,
-            "calibration": calib,
-            "evals": sorted(self.cfg.evals),
-            "eval": {"seqlen": s.seqlen, "max_windows": s.max_windows, "limit": s.limit, "tasks": s.tasks},
-            "svdbench": svdbench_version(),
-        }
+        return key_fields(self.prep, self.model_info, method, ratio, calib)
 
     def _base_record(self, key: str) -> dict[str, Any]:
         return {
@@ -201,8 +276,17 @@ class Session:
         }
 
     # -- cells ---------------------------------------------------------------------------------
+    def references(self) -> None:
+        """Dense references (e.g. embeddings) that compressed cells are compared against."""
+        self.model.to(self.prep.device)
+        try:
+            compute_references(list(self.cfg.evals), self.model, self.tokenizer, self.settings)
+        finally:
+            self.model.to("cpu")
+
     def run_dense(self) -> Path:
         """Evaluate the dense model once per (model, protocols); reuse an existing record."""
+        self.references()
         key = run_key(self._key_fields({"name": "dense"}, 0.0, None))
         path = self.results / f"{key}.json"
         if (rec := read_record(path)) and rec.get("status") == "ok":
@@ -267,6 +351,7 @@ class Session:
             "params_model_compressed": result.params_model_compressed,
             "metrics": metrics,
             "timings_s": {"load": self.load_s, "statistics": self.stats_s, "compress": compress_s, "eval": eval_s},
+            "statistics_cached": self.stats_cached,
             "peak_memory_bytes": peak_memory_bytes(self.prep.device)["bytes"],
             "numerics": {**result.numerics, "calibration_tokens_per_layer": dense.tokens},
             "layers": result.layers,

@@ -25,17 +25,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from harness.cache import cache_path, save_tensor_dict
 from harness.models import Layout, get_module, set_module
 from methods import LinearStats, LowRankLinear, rank_for
 from methods._linalg import Whitening
@@ -43,11 +41,6 @@ from methods._linalg import Whitening
 log = logging.getLogger(__name__)
 
 PROBE_VERSION = 1  # bump when the definition of D changes (invalidates cached tables)
-
-
-def cache_root() -> Path:
-    """``$SVDBENCH_CACHE`` or ``~/.cache/svdbench``."""
-    return Path(os.environ.get("SVDBENCH_CACHE") or Path.home() / ".cache" / "svdbench").expanduser()
 
 
 def _move(obj: Any, device: torch.device | str) -> Any:
@@ -135,7 +128,7 @@ class KLSensitivityProbe:
         ids = self.input_ids[:n_sequences]
         fields = self.key_fields(ids, keeps, ids.shape[0], base_keep)
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-        path = cache_root() / "sensitivity" / f"{key}.pt"
+        path = cache_path("sensitivity", key)
         if self.use_cache and path.is_file():
             saved = torch.load(path, weights_only=False)
             if saved.get("fields") == fields:
@@ -149,11 +142,7 @@ class KLSensitivityProbe:
         self.last_cost = {**meta, "cache": str(path), "hit": False}
         log.info("kl_sensitivity: %d sequence-forwards in %.1f s", forwards, meta["seconds"])
         if self.use_cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            torch.save({"fields": fields, "table": table, "meta": meta}, tmp)
-            os.replace(tmp, path)
+            save_tensor_dict(path, {"fields": fields, "table": table, "meta": meta})
         return table
 
     # -- measurement ----------------------------------------------------------------------------
@@ -215,7 +204,10 @@ class KLSensitivityProbe:
             for j, lo in enumerate(range(0, ids.shape[0], self.batch_size)):
                 self.batch_index = j
                 batch = ids[lo: lo + self.batch_size].to(self.device)
-                logp = torch.log_softmax(self.model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
+                out = self.model(input_ids=batch, use_cache=False)
+                if getattr(out, "logits", None) is None:
+                    raise RuntimeError("kl_sensitivity needs a causal LM (next-token logits); this model has none")
+                logp = torch.log_softmax(out.logits.float(), dim=-1)
                 if ref is None:
                     logps.append(logp.cpu())
                 else:

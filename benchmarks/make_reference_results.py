@@ -1,0 +1,78 @@
+"""Build the reference leaderboard: run the sweep, then write the table and the figures.
+
+    python -m benchmarks.make_reference_results [--executor submitit] [key=value ...]
+
+1. ``svdbench sweep benchmarks/reference_leaderboard.yaml results=<results>`` (resumable: only the
+   missing cells run; extra ``key=value`` overrides are passed through, e.g. ``ratios=[0.4]``),
+2. ``svdbench leaderboard <results> --output <results>/leaderboard.md``,
+3. ``svdbench plot <results> --kind ppl-vs-ratio rank-allocation --out <figures>`` (PDF + PNG).
+
+The reports are written even when some cells failed (they show what exists); the exit code is then
+the sweep's (1). Needs ``SVDBENCH_DATA`` (the calibration file lives in the data pack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from harness.cli import main as svdbench
+
+log = logging.getLogger("benchmarks.make_reference_results")
+
+SPEC = Path(__file__).with_name("reference_leaderboard.yaml")
+
+
+def make_reference_results(results: str | Path = "results/reference", figures: str | Path = "results/figures",
+                           overrides: Sequence[str] = (), spec: str | Path = SPEC,
+                           executor: str | None = None, retry_failed: bool = False) -> int:
+    """Sweep, leaderboard and figures; returns the process exit code.
+
+    Args:
+        results: Record directory (the sweep's ``results``); the leaderboard lands here too.
+        figures: Figure directory.
+        overrides: Extra sweep overrides (``key=value``).
+        spec: The sweep spec (default: the shipped reference leaderboard).
+        executor: ``inprocess`` (default), ``local-gpus`` or ``submitit``.
+        retry_failed: Rerun cells recorded as failed.
+
+    Returns:
+        0 when every cell is ok and the reports were written; 1 when cells failed; 2 when the sweep
+        could not run or a report could not be written.
+    """
+    argv = ["sweep", str(spec), f"results={results}", *overrides]
+    argv += ["--executor", executor] if executor else []
+    argv += ["--retry-failed"] if retry_failed else []
+    code = svdbench(argv)
+    if code == 2:
+        return code
+    name = Path(spec).stem.replace("_", "-")
+    steps = [
+        ["leaderboard", str(results), "--format", "md", "--output", str(Path(results) / "leaderboard.md")],
+        ["plot", str(results), "--kind", "ppl-vs-ratio", "rank-allocation", "--out", str(figures), "--sweep-id", name],
+    ]
+    for step in steps:
+        if svdbench(step) != 0:
+            log.error("svdbench %s failed", " ".join(step))
+            return 2
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="sweep overrides, e.g. ratios=[0.4]")
+    parser.add_argument("--results", default="results/reference")
+    parser.add_argument("--figures", default="results/figures")
+    parser.add_argument("--spec", default=str(SPEC))
+    parser.add_argument("--executor", choices=("inprocess", "local-gpus", "submitit"))
+    parser.add_argument("--retry-failed", action="store_true")
+    args = parser.parse_intermixed_args(argv)
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting is chatty at INFO
+    return make_reference_results(args.results, args.figures, args.overrides, args.spec, args.executor,
+                                  args.retry_failed)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

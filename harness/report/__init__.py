@@ -1,0 +1,38 @@
+"""Reports from the result-record store: leaderboards, figures and regression verdicts.
+
+Modules:
+    store: load records into a flat DataFrame (:func:`load_store`, :func:`records_to_frame`).
+    metrics: the metric registry (labels, directions, formats; did-you-mean errors).
+    leaderboard: paper-style tables (:func:`render_leaderboard`; md, LaTeX, CSV).
+    plots / style: paper figures (:func:`plot`) with one fixed style per method.
+    compare: regression verdicts (:func:`compare`) and scenario checks (:func:`check_scenario`).
+    cli: ``leaderboard`` / ``plot`` / ``compare`` subcommands for the engine's CLI.
+
+The names below are imported lazily so that ``import harness.report`` does not pull in matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "load_store": "store",
+    "records_to_frame": "store",
+    "resolve_metric": "metrics",
+    "render_leaderboard": "leaderboard",
+    "build_leaderboard": "leaderboard",
+    "plot": "plots",
+    "compare": "compare",
+    "check_scenario": "compare",
+    "CompareResult": "compare",
+    "add_report_subcommands": "cli",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,154 @@
+"""What a "cell" is, shared by every report: identity, labels, method order, model and --limit checks.
+
+A cell is one (model, method + config, ratio, calibration, limit) point of a sweep; seeds of the
+same cell are averaged in tables and figures and matched one by one in :mod:`compare`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+
+import pandas as pd
+
+from harness.report.store import value_text as _text
+
+__all__ = [
+    "LimitedRecordsError",
+    "METHOD_ORDER",
+    "LIMITED_MARK",
+    "method_sort_key",
+    "method_display_name",
+    "select_model",
+    "check_limited",
+    "protocol_columns",
+    "cell_identity",
+    "cell_labels",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Chronological order used by the papers; the proposed/newer methods come last.
+METHOD_ORDER: tuple[str, ...] = ("svd", "svd-llm", "adasvd", "ressvd", "duo-svd")
+_DISPLAY = {
+    "dense": "Original",
+    "svd": "SVD",
+    "svd-llm": "SVD-LLM",
+    "adasvd": "AdaSVD",
+    "ressvd": "ResSVD",
+    "duo-svd": "Duo-SVD",
+}
+LIMITED_MARK = "†"
+
+
+class LimitedRecordsError(ValueError):
+    """Raised when a report would include records evaluated with ``--limit``."""
+
+
+def method_sort_key(name: str) -> tuple[int, str, int, str]:
+    """Stable method order: dense, the known methods, other methods alphabetically.
+
+    A variant (``"svd-llm+adacomp"``) sorts right after its parent (the part before ``+``).
+    """
+    parent, _, variant = name.partition("+")
+    if parent == "dense":
+        return (-1, "", 0, name)
+    rank = METHOD_ORDER.index(parent) if parent in METHOD_ORDER else len(METHOD_ORDER)
+    return (rank, parent, 1 if variant else 0, name)
+
+
+def method_display_name(name: str) -> str:
+    """Paper spelling of a method name (``svd-llm+adacomp`` -> ``SVD-LLM+adacomp``)."""
+    parent, sep, variant = name.partition("+")
+    return _DISPLAY.get(parent, parent) + sep + variant
+
+
+def select_model(frame: pd.DataFrame, model: str | None) -> list[tuple[str, pd.DataFrame]]:
+    """Split the frame per model, or pick one model by name or id.
+
+    Raises:
+        ValueError: If ``model`` matches nothing (with close matches) or the frame is empty.
+    """
+    if frame.empty:
+        raise ValueError("the store has no usable records (all failed, or the directory is empty)")
+    if model is None:
+        return [(str(m), g) for m, g in frame.groupby("model", sort=True)]
+    sel = frame[(frame["model"] == model) | (frame["model_id"] == model)]
+    if sel.empty:
+        names = sorted(
+            {str(x) for x in frame["model"].dropna()} | {str(x) for x in frame["model_id"].dropna()}
+        )
+        close = difflib.get_close_matches(model, names, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"no records for model {model!r}.{hint} Models in the store: {', '.join(names)}")
+    return [(str(sel["model"].iloc[0]), sel)]
+
+
+def check_limited(frame: pd.DataFrame, allow_limited: bool, what: str = "a leaderboard") -> None:
+    """Refuse frames that contain ``--limit`` smoke-run records unless explicitly allowed.
+
+    Raises:
+        LimitedRecordsError: Listing the offending files.
+    """
+    limited = frame[frame["limited"].fillna(False).astype(bool)] if "limited" in frame else frame.iloc[:0]
+    if limited.empty or allow_limited:
+        return
+    names = [str(s or k) for s, k in zip(limited["source_file"], limited["run_key"], strict=True)]
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise LimitedRecordsError(
+        f"refusing to build {what} from {len(names)} record(s) evaluated with lm-eval --limit "
+        f"(smoke runs; their numbers are not comparable with full evaluations): {shown}. "
+        "Re-run them without --limit, remove them from the results directory, or pass "
+        "allow_limited=True (--allow-limited) to include them marked with '†'."
+    )
+
+
+def protocol_columns(key: str) -> list[str]:
+    """Frame columns that must agree for values of metric ``key`` to be comparable."""
+    group = key.split(".", 1)[0]
+    cols = [f"{group}.protocol"]
+    if key == "zeroshot.average":
+        cols.append("zeroshot.task_set")
+    if m := re.match(r"^zeroshot\.tasks\.([^.]+)\.value$", key):
+        cols.append(f"zeroshot.tasks.{m.group(1)}.metric")  # acc vs acc_norm differ by points
+    return cols
+
+
+def cell_identity(frame: pd.DataFrame) -> pd.Series:
+    """Cell identity without ratio and seed (method, config, calibration, limit); seeds get averaged."""
+    parts = ["method", "method_config", "calib_source", "calib_samples", "calib_seqlen", "limit"]
+    keys = ["|".join(_text(v) for v in row) for row in frame[parts].itertuples(index=False)]
+    return pd.Series(keys, index=frame.index, dtype=object)
+
+
+def cell_labels(frame: pd.DataFrame) -> pd.Series:
+    """Method labels, disambiguated when one method name covers several configs/calibrations.
+
+    ``frame`` must carry an ``_identity`` column from :func:`cell_identity`.
+    """
+    labels = frame["method"].map(method_display_name)
+    calib_cols = ["calib_source", "calib_samples", "calib_seqlen"]
+    for method, g in frame.groupby("method", sort=False):
+        if g["_identity"].nunique() <= 1:
+            continue
+        many_configs = g["method_config"].nunique() > 1
+        many_calibs = len({tuple(map(_text, c)) for c in g[calib_cols].itertuples(index=False)}) > 1
+        many_limits = len({_text(v) for v in g["limit"]}) > 1
+        if many_configs or many_calibs:
+            # Not an error (ablations do this on purpose), but the reader must see the rows differ.
+            logger.warning(
+                "method %r appears with several configurations/calibrations; labelling them apart", method
+            )
+        for idx, r in g.iterrows():
+            bits = []
+            if many_configs:
+                bits.append(f"cfg {r['config_hash']}")
+            if many_calibs:
+                src = _text(r["calib_source"]).rsplit("/", 1)[-1]
+                bits.append(f"calib {_text(r['calib_samples'])}×{_text(r['calib_seqlen'])} {src}".strip())
+            if many_limits and pd.notna(r["limit"]):
+                bits.append(f"limit {_text(r['limit'])}")
+            if bits:
+                labels[idx] = f"{labels[idx]} ({', '.join(bits)})"
+    return labels

@@ -1,0 +1,162 @@
+"""Report subcommands (``leaderboard``, ``plot``, ``compare``) for the engine's argparse CLI.
+
+The engine owns the entry point; it calls :func:`add_report_subcommands` on its subparsers and
+then ``return args.func(args)``. Each ``func`` returns the process exit code. Results go to
+stdout (or ``--output``); diagnostics go to the logging system (stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from harness.report.cells import LimitedRecordsError
+
+__all__ = ["add_report_subcommands", "cmd_leaderboard", "cmd_plot", "cmd_compare"]
+
+logger = logging.getLogger(__name__)
+
+# Exit codes: 0 success, 1 regression found (compare), 2 the command could not run (bad input).
+EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text, encoding="utf-8")
+        logger.info("wrote %s", output)
+    else:
+        sys.stdout.write(text)
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """``leaderboard RESULTS --format md|latex|csv``: render the paper-style table."""
+    from harness.report.leaderboard import render_leaderboard
+    from harness.report.store import load_store
+
+    try:
+        text = render_leaderboard(
+            load_store(args.results),
+            fmt=args.format,
+            metrics=args.metrics,
+            allow_limited=args.allow_limited,
+            model=args.model,
+        )
+    except (LimitedRecordsError, ValueError, KeyError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    _emit(text, args.output)
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """``plot RESULTS --kind K [K ...] --out DIR``: write PDF + PNG figures and list their paths."""
+    from harness.report.plots import plot
+    from harness.report.store import load_store
+
+    written: list[Path] = []
+    try:
+        frame = None
+        for kind in args.kind:
+            if kind == "spectra":
+                written += plot(
+                    None,
+                    kind,
+                    args.out,
+                    spectra=args.spectra or args.results,
+                    layers=args.layers,
+                    git_sha=args.git_sha,
+                    sweep_id=args.sweep_id,
+                )
+                continue
+            frame = load_store(args.results) if frame is None else frame
+            written += plot(
+                frame,
+                kind,
+                args.out,
+                model=args.model,
+                metric=args.metric,
+                ratio=args.ratio,
+                value=args.value,
+                git_sha=args.git_sha,
+                sweep_id=args.sweep_id,
+                allow_limited=args.allow_limited,
+            )
+    except (LimitedRecordsError, ValueError, KeyError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    sys.stdout.write("".join(f"{p}\n" for p in written))
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``compare RESULTS --baseline BASELINE [--rtol R]``: exit 1 on a worse metric or a missing cell."""
+    from harness.report.compare import compare
+
+    try:
+        result = compare(args.results, args.baseline, rtol=args.rtol, metrics=args.metrics)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    if args.output:
+        out = Path(args.output)
+        text = (
+            result.table.to_csv(index=False)
+            if out.suffix == ".csv"
+            else result.to_markdown(only_problems=False)
+        )
+        _emit(text, args.output)
+    sys.stdout.write(result.to_markdown(only_problems=not args.show_all))
+    return result.exit_code
+
+
+def add_report_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``leaderboard``, ``plot`` and ``compare`` on the engine's subparsers.
+
+    Each subcommand sets ``func`` (namespace -> exit code) as its default.
+    """
+    from harness.report.plots import PLOT_KINDS
+
+    p = subparsers.add_parser("leaderboard", help="paper-style table from a results directory")
+    p.add_argument("results", help="results directory (searched recursively) or one record file")
+    p.add_argument("--format", choices=("md", "latex", "csv"), default="md")
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        metavar="METRIC",
+        help="columns, e.g. wikitext2 ptb piqa average (default: all present)",
+    )
+    p.add_argument(
+        "--allow-limited", action="store_true", help="include records evaluated with --limit (marked)"
+    )
+    p.add_argument("--model", help="only this model (name or id); default: one table per model")
+    p.add_argument("--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = subparsers.add_parser("plot", help="paper figures (PDF + 300 dpi PNG) from a results directory")
+    p.add_argument("results", help="results directory; for --kind spectra also a spectra JSON/npz file")
+    p.add_argument("--kind", nargs="+", choices=PLOT_KINDS, required=True)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--model", help="only this model (default: one figure per model)")
+    p.add_argument("--metric", help="ppl-vs-ratio: wikitext2|ptb|c4; zeroshot-vs-ratio: average or a task")
+    p.add_argument("--ratio", type=float, help="rank-allocation: which ratio (default: the most common)")
+    p.add_argument("--value", choices=("keep", "rank"), default="keep", help="rank-allocation y axis")
+    p.add_argument("--spectra", help="spectra JSON/npz written by the engine (for --kind spectra)")
+    p.add_argument("--layers", nargs="+", help="spectra: layer names to show (default: 4 spread out)")
+    p.add_argument("--git-sha", help="recorded in the figure metadata (default: git rev-parse HEAD)")
+    p.add_argument("--sweep-id", help="recorded in the figure metadata (default: from the records)")
+    p.add_argument("--allow-limited", action="store_true", help="plot records evaluated with --limit")
+    p.set_defaults(func=cmd_plot)
+
+    p = subparsers.add_parser("compare", help="regression verdict against a baseline results directory")
+    p.add_argument("results", help="results directory under test")
+    p.add_argument("--baseline", required=True, help="baseline results directory")
+    p.add_argument("--rtol", type=float, default=0.02, help="relative tolerance (default 0.02)")
+    p.add_argument(
+        "--metrics", nargs="+", metavar="METRIC", help="metrics to compare (default: all in baseline)"
+    )
+    p.add_argument("--output", help="also write the full table (.csv, or Markdown otherwise)")
+    p.add_argument("--show-all", action="store_true", help="print ok rows too, not only problems")
+    p.set_defaults(func=cmd_compare)

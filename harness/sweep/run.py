@@ -1,0 +1,92 @@
+"""Running a sweep: plan the cells, skip the finished ones, hand the rest to an executor.
+
+Resuming is the same operation as starting: a cell whose record exists with status ``ok`` is never
+recomputed, so after a crash or a kill ``svdbench sweep SPEC`` simply does what is left. Cells with
+a ``failed`` record are reported and skipped unless ``retry_failed`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from harness.sweep.executors import Executor, make_executor
+from harness.sweep.plan import DONE, FAILED, MISSING, Cell, cell_status, format_plan, plan_cells
+from harness.sweep.spec import SweepSpec
+from harness.sweep.worker import Outcome
+
+__all__ = ["SweepResult", "dry_run", "run_sweep"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did.
+
+    Attributes:
+        cells: Every planned cell (dense baselines included).
+        before: Run key -> status (``done``/``failed``/``missing``) before this run.
+        outcomes: One outcome per cell this run executed.
+        skipped_failed: Failed cells left alone (no ``retry_failed``).
+    """
+
+    cells: list[Cell]
+    before: dict[str, str]
+    outcomes: list[Outcome] = field(default_factory=list)
+    skipped_failed: list[Cell] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status != "ok"]
+
+    @property
+    def ok(self) -> bool:
+        """True when every cell now has an ok record."""
+        return not self.failed and not self.skipped_failed
+
+    def summary(self) -> str:
+        already = sum(s == DONE for s in self.before.values())
+        text = (f"{len(self.cells)} cell(s): {already} already done, {len(self.outcomes)} run "
+                f"({len(self.outcomes) - len(self.failed)} ok, {len(self.failed)} failed)")
+        if self.skipped_failed:
+            text += f", {len(self.skipped_failed)} failed before and skipped (use --retry-failed)"
+        return text
+
+
+def dry_run(spec: SweepSpec) -> str:
+    """The grid with each cell's status, computed from run keys without loading any weights."""
+    cells = plan_cells(spec)
+    return format_plan(spec, cells, {c.key: cell_status(c) for c in cells})
+
+
+def run_sweep(spec: SweepSpec, executor: str | Executor | None = None, retry_failed: bool = False) -> SweepResult:
+    """Run the cells of ``spec`` that have no ok record yet.
+
+    Args:
+        spec: The sweep.
+        executor: An executor name (default: the spec's ``executor``) or an :class:`Executor`.
+        retry_failed: Also rerun cells whose record says ``failed``.
+
+    Returns:
+        What was done; failed cells are in the result (and their records), never raised.
+
+    Raises:
+        SpecError / ValueError / FileNotFoundError: when the spec cannot be planned.
+        ExecutorUnavailableError: when the executor cannot run here.
+    """
+    # Build the executor first: an unavailable one should fail before minutes of planning.
+    runner = make_executor(executor or spec.executor, spec) if executor is None or isinstance(executor, str) else executor
+    cells = plan_cells(spec)
+    before = {c.key: cell_status(c) for c in cells}
+    todo = [c for c in cells if before[c.key] == MISSING or (retry_failed and before[c.key] == FAILED)]
+    skipped = [c for c in cells if before[c.key] == FAILED and not retry_failed]
+    for cell in skipped:
+        log.warning("skipping failed cell %s (%s); rerun with --retry-failed", cell.describe(), cell.path)
+    log.info("sweep %s: %d cell(s), %d to run", spec.name, len(cells), len(todo))
+    outcomes = runner.run_cells(todo) if todo else []
+    result = SweepResult(cells, before, outcomes, skipped)
+    for o in result.failed:
+        log.error("failed: %s (record %s)", o.cell.describe(), o.cell.path)
+    log.info("sweep %s: %s", spec.name, result.summary())
+    return result

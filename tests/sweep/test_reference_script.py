@@ -1,0 +1,30 @@
+"""benchmarks/make_reference_results on a 1-model, 2-method, 1-ratio override of the shipped spec:
+sweep into RESULTS, leaderboard.md beside the records, PNG + PDF figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.make_reference_results import main
+from tests.sweep.conftest import records
+
+pytestmark = pytest.mark.integration
+
+
+def test_make_reference_results_on_a_small_override(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("SVDBENCH_CACHE", str(tmp_path / "cache"))
+    results, figures = tmp_path / "reference", tmp_path / "figures"
+    code = main([
+        "--results", str(results), "--figures", str(figures),
+        f"models=[{tiny_model}]", "methods=[svd,svd-llm]", "ratios=[0.4]",
+        f"calibration.source=file:{tiny_model.parent / 'calib.txt'}", "calibration.samples=8",
+        "calibration.seqlen=64", "eval.max_windows=4",
+    ])
+    assert code == 0
+    assert len(records(results)) == 3  # dense + 2 methods x 1 ratio
+    board = (results / "leaderboard.md").read_text()
+    assert "SVD-LLM" in board and "40%" in board
+    made = {p.name for p in figures.iterdir()}
+    for kind in ("ppl-vs-ratio", "rank-allocation"):
+        assert any(n.startswith(kind) and n.endswith(".pdf") for n in made), made
+        assert any(n.startswith(kind) and n.endswith(".png") for n in made), made
