@@ -41,6 +41,7 @@ from harness.records import (
     svdbench_version,
     write_json_atomic,
 )
+from harness.sensitivity import KLSensitivityProbe
 from harness.stats import DenseStats, capture_block_inputs, stream_blocks
 from methods import Method, parse_method
 
@@ -202,6 +203,7 @@ class Session:
         self.stats_s = 0.0
         self.calibration = None
         self.stats_cached = False
+        self._probes: dict[str, Any] | None = None
 
     # -- shared pieces -------------------------------------------------------------------------
     def _batches(self):
@@ -234,6 +236,21 @@ class Session:
         key = run_key({"model": self.model_info.get("content_hash") or self.model_info.get("revision"),
                        "dtype": self.prep.dtype, "tokens": self.calibration.token_hash, "version": STATS_VERSION})
         return cache_path("stats", key)
+
+    def probes(self) -> dict[str, Any]:
+        """Engine measurements offered to allocators (``AllocationContext.probes``), built once.
+
+        Building costs nothing: a probe runs the model only when an allocator calls it.
+        """
+        if self._probes is None:
+            dense = self.dense_stats()
+            assert self.calibration is not None
+            self._probes = {
+                "kl_sensitivity": KLSensitivityProbe(
+                    self.model, self.layout, dense.linear, self.calibration.input_ids, self.prep.device, self.model_info
+                ),
+            }
+        return self._probes
 
     def _evaluate(self) -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
@@ -310,7 +327,9 @@ class Session:
             torch.cuda.reset_peak_memory_stats(self.prep.device)
         t0 = time.perf_counter()
         try:
-            result = compress_model(self.model, self.layout, method, ratio, dense, self.prep.device, self._batches)
+            result = compress_model(
+                self.model, self.layout, method, ratio, dense, self.prep.device, self._batches, probes=self.probes()
+            )
         except Exception:
             write_json_atomic(path, {**base, "status": "failed", "error": traceback.format_exc()})
             raise
