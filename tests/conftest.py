@@ -35,3 +35,11 @@ def tiny_model_dirs() -> dict[str, Path]:
     from harness.reference_models import ensure_reference_model
 
     return {family: ensure_reference_model(f"tiny-{family}") for family in ("llama", "opt")}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init 2-block Llama (GQA) with its tokenizer, for fast engine-level tests."""
+    from tests.utils import make_tiny_model_dir
+
+    return make_tiny_model_dir("llama", tmp_path_factory.mktemp("tiny-llama"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 DATA = Path(os.environ.get("SVDBENCH_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+CALIB = f"file:{DATA / 'wikitext-2-v1' / 'valid.txt'}"  # calibration text of the pack (never a test split)
 
 FAMILY_CONFIGS = {
     "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,

@@ -14,17 +14,10 @@ from harness.models import discover, load_model
 from harness.runner import RunConfig, run
 from harness.stats import _Stacker, capture_block_inputs, stream_blocks
 from methods import parse_method
-from tests.utils import DATA, make_tiny_model_dir
+from tests.utils import CALIB
 
-CALIB = f"file:{DATA / 'wikitext-2-v1' / 'valid.txt'}"
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not (DATA / "wikitext-2-v1" / "valid.txt").is_file():
-        pytest.skip("SVDBENCH_DATA pack not available")
-    return make_tiny_model_dir("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _paired_error(model, layout, dense, batches, method: str, ratio: float) -> tuple[float, float]:

@@ -17,17 +17,10 @@ from harness.stats import capture_block_inputs, stream_blocks
 from methods import ModuleInfo
 from methods.column_preserving import ColumnPreservingLowRank
 from methods.knapsack import option_cost
-from tests.utils import DATA, make_tiny_model_dir
+from tests.utils import CALIB
 
-CALIB = f"file:{DATA / 'wikitext-2-v1' / 'valid.txt'}"
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not (DATA / "wikitext-2-v1" / "valid.txt").is_file():
-        pytest.skip("SVDBENCH_DATA pack not available")
-    return make_tiny_model_dir("llama", tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_kl_probe_replay_restore_and_cache(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
