@@ -111,6 +111,7 @@ class ReferenceSpec:
 
 
 _TINY = dict(hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=4, max_positions=256)
+_LONG = dict(steps=1200, warmup_steps=50, eval_every=100, patience=3)
 _SMALL = dict(
     hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, max_positions=1024,
     steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, eval_every=100, patience=5,
@@ -118,6 +119,13 @@ _SMALL = dict(
 REFERENCE_SPECS: dict[str, ReferenceSpec] = {
     "tiny-llama": ReferenceSpec("tiny-llama", "llama", intermediate_size=688, **_TINY),
     "tiny-opt": ReferenceSpec("tiny-opt", "opt", intermediate_size=1024, **_TINY),
+    # The same architectures trained ~5x longer (about 2.5 epochs of the pack's 0.78M training
+    # tokens): the 250-step models are so undertrained that their linears are a low-rank learned
+    # update on top of random init, and even 80% SVD compression moves perplexity by under 1%, so
+    # method comparisons on them are noise. These are the models of results/reference and the
+    # ablations (about 10 minutes each on two CPU cores).
+    "tiny-llama-long": ReferenceSpec("tiny-llama-long", "llama", intermediate_size=688, **_TINY, **_LONG),
+    "tiny-opt-long": ReferenceSpec("tiny-opt-long", "opt", intermediate_size=1024, **_TINY, **_LONG),
     "small-llama": ReferenceSpec("small-llama", "llama", intermediate_size=1376, **_SMALL),
     "small-opt": ReferenceSpec("small-opt", "opt", intermediate_size=2048, **_SMALL),
 }
@@ -324,6 +332,28 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "svdbench") / "reference_models"
 
 
+def reference_model_path(
+    name: str, data_dir: str | Path | None = None, cache_dir: str | Path | None = None, *, seed: int = 0
+) -> Path:
+    """Where reference model ``name`` is (or would be) cached; trains nothing.
+
+    The directory is complete when it holds ``reference_card.json`` (see :func:`is_trained`).
+
+    Raises:
+        KeyError: If ``name`` is not a known spec.
+        FileNotFoundError: If no data pack is given or found (see ``SVDBENCH_DATA``).
+    """
+    if name not in REFERENCE_SPECS:
+        raise KeyError(f"Unknown reference model {name!r}; known: {sorted(REFERENCE_SPECS)}")
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return cache_root / f"{name}-{reference_cache_key(REFERENCE_SPECS[name], seed, data_checksums(data_dir))[:16]}"
+
+
+def is_trained(path: str | Path) -> bool:
+    """Whether a reference-model cache directory is complete (its card is written last)."""
+    return (Path(path) / CARD_NAME).is_file()
+
+
 def ensure_reference_model(
     name: str,
     data_dir: str | Path | None = None,
@@ -351,14 +381,12 @@ def ensure_reference_model(
         KeyError: If ``name`` is not a known spec.
         FileNotFoundError: If no data pack is given or found (see ``SVDBENCH_DATA``).
     """
-    if name not in REFERENCE_SPECS:
-        raise KeyError(f"Unknown reference model {name!r}; known: {sorted(REFERENCE_SPECS)}")
-    spec = REFERENCE_SPECS[name]
-    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache_root / f"{name}-{reference_cache_key(spec, seed, data_checksums(data_dir))[:16]}"
-    if (final / CARD_NAME).is_file():
+    final = reference_model_path(name, data_dir, cache_dir, seed=seed)
+    if is_trained(final):
         logger.info("Reference model %s found in cache: %s", name, final)
         return final
+    spec = REFERENCE_SPECS[name]
+    cache_root = final.parent
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_root))
     try:
@@ -367,7 +395,7 @@ def ensure_reference_model(
         try:
             tmp.rename(final)
         except OSError:
-            if not (final / CARD_NAME).is_file():  # not a concurrent run that finished first
+            if not is_trained(final):  # not a concurrent run that finished first
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

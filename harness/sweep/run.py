@@ -55,8 +55,8 @@ class SweepResult:
 
 
 def dry_run(spec: SweepSpec) -> str:
-    """The grid with each cell's status, computed from run keys without loading any weights."""
-    cells = plan_cells(spec)
+    """The grid with each cell's status, computed from run keys without loading (or training) any weights."""
+    cells = plan_cells(spec, build_references=False)
     return format_plan(spec, cells, {c.key: cell_status(c) for c in cells})
 
 

@@ -15,6 +15,8 @@ they are checked exactly like the file: ``ratios=[0.2,0.4]``, ``calibration.samp
 
 from __future__ import annotations
 
+import importlib
+
 import copy
 import dataclasses
 import json
@@ -178,21 +180,34 @@ class ModelEntry:
     def label(self) -> str:
         return self.reference if self.reference is not None else str(self.id)
 
-    def resolve(self) -> str:
-        """The model id or directory to load (trains or fetches a reference model if needed).
+    def resolve(self, build: bool = True) -> str:
+        """The model id or directory to load (trains a reference model first if needed).
+
+        Args:
+            build: With False (dry runs), never train: an untrained reference model is an error.
 
         Raises:
-            SpecError: for a reference entry when this build has no ``harness.reference_models``.
+            SpecError: for a reference entry when this build has no ``harness.reference_models``,
+                or when ``build`` is False and the reference model is not trained yet.
         """
         if self.reference is None:
             return str(self.id)
         try:
-            from harness.reference_models import ensure_reference_model
+            reference_models = importlib.import_module("harness.reference_models")
         except ImportError as exc:
             raise SpecError(
                 f"model {{reference: {self.reference}}} needs harness.reference_models, which this build lacks"
             ) from exc
-        return str(ensure_reference_model(self.reference))
+        if build:
+            return str(reference_models.ensure_reference_model(self.reference))
+        path = reference_models.reference_model_path(self.reference)
+        if not reference_models.is_trained(path):
+            raise SpecError(
+                f"reference model {self.reference!r} is not trained yet, and the cells' run keys hash its "
+                f"weights; a dry run does not train it (the sweep itself, or `python -m "
+                f"harness.reference_models --name {self.reference}`, does)"
+            )
+        return str(path)
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,13 @@ def test_reference_models_resolve_lazily(monkeypatch):
     fake.ensure_reference_model = lambda name: Path("/cache/reference") / name
     monkeypatch.setitem(sys.modules, "harness.reference_models", fake)
     assert spec.grid.models[0].resolve() == "/cache/reference/tiny-llama"
+    # A dry run never trains: an untrained reference model is a clear error, a trained one its path.
+    fake.reference_model_path = lambda name: Path("/cache/reference") / name
+    fake.is_trained = lambda path: False
+    with pytest.raises(SpecError, match="'tiny-llama' is not trained yet.*a dry run does not train it"):
+        spec.grid.models[0].resolve(build=False)
+    fake.is_trained = lambda path: True
+    assert spec.grid.models[0].resolve(build=False) == "/cache/reference/tiny-llama"
     monkeypatch.setitem(sys.modules, "harness.reference_models", None)  # a build without the module
     with pytest.raises(SpecError, match="needs harness.reference_models"):
         spec.grid.models[0].resolve()
@@ -157,7 +164,19 @@ def test_shipped_reference_leaderboard_spec(monkeypatch):
         assert load_spec(path).grid.methods == tuple(listed)
     spec = load_spec(path, ["methods=[svd,svd-llm]"])
     assert spec.name == "reference-leaderboard" and spec.results == "results/reference"
-    assert [m.reference for m in spec.grid.models] == ["tiny-llama", "tiny-opt"]
+    assert [m.reference for m in spec.grid.models] == ["tiny-llama-long", "tiny-opt-long"]
     assert spec.grid.ratios == (0.2, 0.4, 0.6, 0.8) and spec.grid.seeds == (0,) and spec.evals == ("wikitext2",)
     assert spec.calibration.source == "file:/pack/wikitext-2-v1/valid.txt"
     assert (spec.calibration.samples, spec.calibration.seqlen) == (64, 256)
+
+
+def test_shipped_ablation_spec_parses_every_variant(monkeypatch):
+    monkeypatch.setenv("SVDBENCH_DATA", "/pack")
+    spec = load_spec(ROOT / "benchmarks" / "ablations.yaml")
+    assert spec.grid.ratios == (0.4, 0.6)
+    # Every component of the three composite methods appears alone on top of svd-llm.
+    for component in ("adacomp", "adacr", "residual", "last-layers", "column-preserving", "kl-knapsack"):
+        assert f"svd-llm+{component}" in spec.grid.methods
+    # Same calibration as the reference leaderboard, so shared cells have equal run keys.
+    reference = load_spec(ROOT / "benchmarks" / "reference_leaderboard.yaml")
+    assert spec.calibration == reference.calibration and spec.eval == reference.eval
