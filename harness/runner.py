@@ -247,7 +247,8 @@ class Session:
             assert self.calibration is not None
             self._probes = {
                 "kl_sensitivity": KLSensitivityProbe(
-                    self.model, self.layout, dense.linear, self.calibration.input_ids, self.prep.device, self.model_info
+                    self.model, self.layout, dense.linear, self.calibration.input_ids, self.prep.device, self.model_info,
+                    attention_mask=self.calibration.attention_mask,
                 ),
             }
         return self._probes

@@ -11,6 +11,10 @@
 * the dense reference log-probs are computed once; the calibration subset is the first
   ``n_sequences`` windows of the session's calibration.
 
+Encoders (no next-token distribution, e.g. MiniLM) get the analogous output deviation instead of
+KL: the mean over real (unpadded) tokens of ``1 - cos(h_dense, h_pert)`` between final hidden
+states, the per-token form of the ``embed-fidelity`` metric. The measure used is in ``last_cost``.
+
 Cost: ``n_sequences x (2 + sum_j #distinct ranks of j's candidates other than the base rank)``
 sequence-forwards. Two savings keep it down: candidates that give module ``j`` the same rank are
 measured once, and (``skip_prefix``) a forward for a module of block ``b`` replays the base state's
@@ -79,6 +83,7 @@ class KLSensitivityProbe:
         layout: Its layout.
         stats: Dense statistics per target linear (Grams for the whitened factors).
         input_ids: ``(N, L)`` calibration windows; the first ``n_sequences`` are used.
+        attention_mask: ``(N, L)`` 1 for real tokens (encoder paragraphs are padded), or None.
         device: Where the forwards run.
         model_info: The session's model fingerprint (``content_hash``, ``id``, ``revision``).
         batch_size: Sequences per forward.
@@ -89,9 +94,11 @@ class KLSensitivityProbe:
     def __init__(
         self, model: nn.Module, layout: Layout, stats: dict[str, LinearStats], input_ids: Tensor,
         device: torch.device, model_info: dict[str, Any], batch_size: int = 8, skip_prefix: bool = True,
-        use_cache: bool = True,
+        use_cache: bool = True, attention_mask: Tensor | None = None,
     ) -> None:
         self.model, self.layout, self.stats, self.input_ids = model, layout, stats, input_ids
+        self.attention_mask = attention_mask
+        self.measure = "kl"  # set from the model's outputs on the first forward: "kl" or "cosine"
         self.device, self.batch_size, self.skip_prefix, self.use_cache = device, batch_size, skip_prefix, use_cache
         self.model_key = model_info.get("content_hash") or f"{model_info.get('id')}@{model_info.get('revision')}"
         self.batch_index = 0
@@ -126,7 +133,10 @@ class KLSensitivityProbe:
         if n_sequences > self.input_ids.shape[0]:
             log.warning("kl_sensitivity: %d sequences requested, calibration has %d", n_sequences, self.input_ids.shape[0])
         ids = self.input_ids[:n_sequences]
+        mask = None if self.attention_mask is None else self.attention_mask[:n_sequences]
         fields = self.key_fields(ids, keeps, ids.shape[0], base_keep)
+        if mask is not None:
+            fields["attention_mask"] = hashlib.sha256(mask.to(torch.int64).numpy().tobytes()).hexdigest()
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
         path = cache_path("sensitivity", key)
         if self.use_cache and path.is_file():
@@ -137,8 +147,9 @@ class KLSensitivityProbe:
                          path, saved["meta"]["forwards"], saved["meta"]["seconds"])
                 return {name: {k: row[k] for k in keeps} for name, row in saved["table"].items()}
         t0 = time.perf_counter()
-        table, forwards = self._measure(ids, keeps, base_keep)
-        meta = {"forwards": forwards, "seconds": time.perf_counter() - t0, "tokens_per_forward": ids.shape[1]}
+        table, forwards = self._measure(ids, mask, keeps, base_keep)
+        meta = {"forwards": forwards, "seconds": time.perf_counter() - t0, "tokens_per_forward": ids.shape[1],
+                "measure": self.measure}
         self.last_cost = {**meta, "cache": str(path), "hit": False}
         log.info("kl_sensitivity: %d sequence-forwards in %.1f s", forwards, meta["seconds"])
         if self.use_cache:
@@ -176,13 +187,36 @@ class KLSensitivityProbe:
         return LowRankLinear(a.to(dev, dt), b.to(dev, dt), bias)
 
     @torch.no_grad()
-    def _kl(self, ref: list[Tensor] | None, ids: Tensor, bar: tqdm, start: int = 0,
+    def _outputs(self, batch: Tensor, mask: Tensor | None) -> Tensor:
+        """Per-token outputs compared by the probe: next-token log-probs ``(B, L, V)`` of a causal LM,
+        else unit-norm final hidden states ``(B, L, d)`` of an encoder."""
+        kwargs: dict[str, Any] = {"use_cache": False} if mask is None else {"attention_mask": mask}
+        out = self.model(input_ids=batch, **kwargs)
+        logits = getattr(out, "logits", None)
+        if logits is not None:
+            self.measure = "kl"
+            return torch.log_softmax(logits.float(), dim=-1)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            raise RuntimeError("kl_sensitivity needs next-token logits (causal LM) or last_hidden_state (encoder)")
+        self.measure = "cosine"
+        return torch.nn.functional.normalize(hidden.float(), dim=-1)
+
+    def _divergence(self, ref: Tensor, new: Tensor, mask: Tensor | None) -> Tensor:
+        """Per real token: ``KL(P_ref || P_new)`` from log-probs, or ``1 - cos`` from unit vectors."""
+        d = (ref.exp() * (ref - new)).sum(-1) if self.measure == "kl" else 1.0 - (ref * new).sum(-1)
+        return d if mask is None else d[mask.bool()]
+
+    @torch.no_grad()
+    def _kl(self, ref: list[Tensor] | None, ids: Tensor, mask: Tensor | None, bar: tqdm, start: int = 0,
             replay: list[list[Any]] | None = None, record: list[list[Any]] | None = None) -> tuple[float, list[Tensor]]:
-        """Mean per-token KL(dense || current model) on ``ids``; with ``ref=None`` return log-probs.
+        """Mean per-token divergence of the current model from the dense one on ``ids``; with
+        ``ref=None`` return the dense outputs instead.
 
         Args:
-            ref: Dense log-probs per batch, or None to compute them.
+            ref: Dense outputs per batch (:meth:`_outputs`), or None to compute them.
             ids: ``(n, L)`` token windows.
+            mask: ``(n, L)`` attention mask, or None (no padding).
             bar: Progress bar (counts sequence-forwards).
             start: First block actually run; blocks before it replay ``replay[start - 1]``.
             replay: Per block, per batch, the base state's block outputs.
@@ -204,16 +238,13 @@ class KLSensitivityProbe:
             for j, lo in enumerate(range(0, ids.shape[0], self.batch_size)):
                 self.batch_index = j
                 batch = ids[lo: lo + self.batch_size].to(self.device)
-                out = self.model(input_ids=batch, use_cache=False)
-                if getattr(out, "logits", None) is None:
-                    raise RuntimeError("kl_sensitivity needs a causal LM (next-token logits); this model has none")
-                logp = torch.log_softmax(out.logits.float(), dim=-1)
+                batch_mask = None if mask is None else mask[lo: lo + self.batch_size].to(self.device)
+                outputs = self._outputs(batch, batch_mask)
                 if ref is None:
-                    logps.append(logp.cpu())
+                    logps.append(outputs.cpu())
                 else:
-                    r = ref[j].to(self.device)
-                    kl = (r.exp() * (r - logp)).sum(-1)  # (B, L): KL per predicted position
-                    total, count = total + float(kl.double().sum()), count + kl.numel()
+                    d = self._divergence(ref[j].to(self.device), outputs, batch_mask)
+                    total, count = total + float(d.double().sum()), count + d.numel()
                 bar.update(batch.shape[0])
         finally:
             for h in handles:
@@ -222,7 +253,7 @@ class KLSensitivityProbe:
                 blocks[i] = block
         return (total / max(count, 1)), logps
 
-    def _measure(self, ids: Tensor, keeps: list[float], base_keep: float) -> tuple[dict[str, dict[float, float]], int]:
+    def _measure(self, ids: Tensor, mask: Tensor | None, keeps: list[float], base_keep: float) -> tuple[dict[str, dict[float, float]], int]:
         plan = self._plan(keeps, base_keep)
         n = ids.shape[0]
         forwards = n * (2 + sum(len(g) for g in plan.values()))
@@ -236,7 +267,7 @@ class KLSensitivityProbe:
         originals: dict[str, nn.Module] = {}
         try:
             with tqdm(total=forwards, desc=f"KL sensitivity ({forwards} seq-forwards)", unit="seq", leave=False) as bar:
-                _, ref = self._kl(None, ids, bar)
+                _, ref = self._kl(None, ids, mask, bar)
                 base_mods: dict[str, nn.Module] = {}
                 for mod in self.layout.modules:
                     dense = get_module(self.model, mod.name)
@@ -245,7 +276,7 @@ class KLSensitivityProbe:
                 for name, new in base_mods.items():
                     originals[name] = set_module(self.model, name, new)
                 outs: list[list[Any]] | None = [[] for _ in self.layout.blocks] if self.skip_prefix else None
-                base_d, _ = self._kl(ref, ids, bar, record=outs)
+                base_d, _ = self._kl(ref, ids, mask, bar, record=outs)
                 table = {m.name: {p: base_d for p in keeps} for m in self.layout.modules}
                 for mod in self.layout.modules:
                     groups = plan[mod.name]
@@ -257,7 +288,7 @@ class KLSensitivityProbe:
                         new = dense if rank is None else self._module(svd, rank, dense)  # type: ignore[arg-type]
                         set_module(self.model, mod.name, new)
                         start = mod.block if self.skip_prefix else 0
-                        d, _ = self._kl(ref, ids, bar, start=start, replay=outs)
+                        d, _ = self._kl(ref, ids, mask, bar, start=start, replay=outs)
                         for p in ps:
                             table[mod.name][p] = d
                     set_module(self.model, mod.name, base_mods[mod.name])

@@ -59,3 +59,39 @@ def test_minilm_whitening_beats_plain_svd(tmp_path):
             assert abs(rec["achieved_ratio"] - rec["ratio"]) < 0.01
     for r in ratios:
         assert cos[("svd-llm", r)] > cos[("svd", r)] + 0.15, (r, cos)
+
+
+def test_sensitivity_probe_on_an_encoder_uses_masked_cosine_distance(tmp_path, monkeypatch):
+    """Duo-SVD's probe on MiniLM (no next-token logits): per-token 1 - cos of final hidden states
+    over real tokens; block replay with the attention mask agrees with full forwards."""
+    from harness.models import fingerprint
+    from harness.sensitivity import KLSensitivityProbe
+
+    monkeypatch.setenv("SVDBENCH_CACHE", str(tmp_path))
+    model, tok = load_model("minilm-l6")
+    layout = discover(model)
+    enc = tok(SENTENCES, padding="max_length", max_length=40, return_tensors="pt")
+    cpu = torch.device("cpu")
+    batches = capture_block_inputs(model, layout, enc.input_ids, cpu, batch_size=2, attention_mask=enc.attention_mask)
+    dense = stream_blocks(model, layout, batches, cpu)
+    info = fingerprint("minilm-l6")
+
+    def probe(**kw) -> KLSensitivityProbe:
+        return KLSensitivityProbe(model, layout, dense.linear, enc.input_ids, cpu, info, batch_size=2,
+                                  attention_mask=enc.attention_mask, **kw)
+
+    fast = probe(use_cache=False)
+    table = fast([0.2, 1.0], 4, 0.6)
+    full = probe(skip_prefix=False, use_cache=False)([0.2, 1.0], 4, 0.6)
+    assert fast.measure == "cosine"
+    for name, row in table.items():
+        for p in (0.2, 0.6, 1.0):
+            assert row[p] == pytest.approx(full[name][p], rel=1e-4, abs=1e-9)
+    base = next(iter(table.values()))[0.6]
+    assert 0 < base < 1
+    # Padding is excluded: padding to 40 or to 64 positions gives the same table.
+    wide = tok(SENTENCES, padding="max_length", max_length=64, return_tensors="pt")
+    other = KLSensitivityProbe(model, layout, dense.linear, wide.input_ids, cpu, info, batch_size=2,
+                               attention_mask=wide.attention_mask, use_cache=False)([0.2, 1.0], 4, 0.6)
+    for name, row in table.items():
+        assert row[0.2] == pytest.approx(other[name][0.2], rel=1e-3, abs=1e-7)
