@@ -326,10 +326,13 @@ class Session:
         }
         if self.prep.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.prep.device)
+        probes = self.probes()
+        for probe in probes.values():
+            probe.last_cost = {}  # so the record reports only what this cell's allocator asked for
         t0 = time.perf_counter()
         try:
             result = compress_model(
-                self.model, self.layout, method, ratio, dense, self.prep.device, self._batches, probes=self.probes()
+                self.model, self.layout, method, ratio, dense, self.prep.device, self._batches, probes=probes
             )
         except Exception:
             write_json_atomic(path, {**base, "status": "failed", "error": traceback.format_exc()})
@@ -353,6 +356,9 @@ class Session:
             "metrics": metrics,
             "timings_s": {"load": self.load_s, "statistics": self.stats_s, "compress": compress_s, "eval": eval_s},
             "statistics_cached": self.stats_cached,
+            # Engine probes this cell's allocator ran (forwards, seconds, measure, cache hit); their
+            # time is part of timings_s.compress.
+            "probes": {name: dict(p.last_cost) for name, p in probes.items() if p.last_cost},
             "peak_memory_bytes": peak_memory_bytes(self.prep.device)["bytes"],
             "numerics": {**result.numerics, "calibration_tokens_per_layer": dense.tokens},
             "layers": result.layers,

@@ -77,6 +77,8 @@ def test_duo_svd_cell_through_the_runner(tiny_llama: Path, tmp_path: Path, monke
     assert rec["params_compressed"] == sum(layer["params"] for layer in rec["layers"])
     assert all(layer["calib_rel_error"] < 1.0 for layer in rec["layers"])
     assert list((tmp_path / "cache" / "sensitivity").glob("*.pt"))
+    cost = rec["probes"]["kl_sensitivity"]
+    assert cost["measure"] == "kl" and cost["hit"] is False and cost["forwards"] > 0
 
 
 def test_column_preserving_module_in_a_model(tiny_llama: Path):
