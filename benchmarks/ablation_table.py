@@ -1,8 +1,9 @@
 """Markdown ablation table from a directory of result records.
 
-    python -m benchmarks.ablation_table results/ablations/adasvd/tiny-llama [--metric wikitext2.ppl] [--out FILE]
+    python -m benchmarks.ablation_table results/ablations/tiny-llama-long [--metric wikitext2.ppl] \
+        [--methods svd-llm,svd-llm+adacomp,svd-llm+adacr,adasvd] [--out FILE]
 
-One row per (ratio, method): perplexity (or another dotted metric), achieved ratio, the summed and
+One row per (ratio, method), the dense row first and methods in ``--methods`` order (default: all, by name): perplexity (or another dotted metric), achieved ratio, the summed and
 mean per-layer calibration output error ``||(W - W')X||_F / ||W X||_F`` (and the error against the
 dense outputs on compressed-model inputs where the method collected it), and wall times.
 """
@@ -41,9 +42,19 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return str(x)
 
 
+def select(records: list[dict[str, Any]], methods: list[str] | None) -> list[dict[str, Any]]:
+    """The dense record(s) and those of ``methods`` (all when None), by ratio then in ``methods`` order."""
+    if methods is None:
+        order = {name: i for i, name in enumerate(sorted({r["method"]["name"] for r in records}))}
+    else:
+        order = {name: i for i, name in enumerate(methods)}
+    chosen = [r for r in records if r["method"]["name"] == "dense" or r["method"]["name"] in order]
+    return sorted(chosen, key=lambda r: (r["ratio"], r["method"]["name"] != "dense", order.get(r["method"]["name"], -1)))
+
+
 def ablation_rows(records: list[dict[str, Any]], metric: str) -> list[list[str]]:
     rows = []
-    for rec in sorted(records, key=lambda r: (r["ratio"], r["method"]["name"] != "dense", r["method"]["name"])):
+    for rec in records:
         layers = rec.get("layers") or []
         errs = [layer["calib_rel_error"] for layer in layers if layer.get("calib_rel_error") is not None]
         errs_c = [layer["calib_rel_error_compressed"] for layer in layers if "calib_rel_error_compressed" in layer]
@@ -69,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path)
     parser.add_argument("--metric", default="wikitext2.ppl")
+    parser.add_argument("--methods", help="comma-separated method names, in table order (default: all)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    text = render(load_records(args.directory), args.metric)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    text = render(select(load_records(args.directory), methods), args.metric)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
     print(text, end="")

@@ -1,0 +1,31 @@
+"""benchmarks.ablation_table: selection, order and the error columns, on hand-made records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.ablation_table import load_records, render, select
+
+
+def _record(path: Path, method: str, ratio: float, ppl: float, errs: list[float]) -> None:
+    rec = {"schema_version": 1, "status": "ok", "method": {"name": method}, "ratio": ratio,
+           "achieved_ratio": ratio, "metrics": {"wikitext2": {"ppl": ppl}},
+           "layers": [{"calib_rel_error": e} for e in errs], "timings_s": {"compress": 1.0, "eval": 2.0}}
+    path.write_text(json.dumps(rec))
+
+
+def test_select_orders_dense_first_then_listed_methods(tmp_path: Path):
+    _record(tmp_path / "a.json", "svd-llm", 0.4, 210.0, [0.1, 0.3])
+    _record(tmp_path / "b.json", "adasvd", 0.4, 205.0, [0.2, 0.2])
+    _record(tmp_path / "c.json", "svd", 0.4, 300.0, [0.5, 0.5])
+    _record(tmp_path / "d.json", "dense", 0.0, 200.0, [])
+    (tmp_path / "e.json").write_text(json.dumps({"schema_version": 1, "status": "failed", "method": {"name": "svd"}}))
+    records = load_records(tmp_path)
+    assert len(records) == 4  # the failed record is left out
+    chosen = select(records, ["svd-llm", "adasvd"])
+    assert [r["method"]["name"] for r in chosen] == ["dense", "svd-llm", "adasvd"]
+    table = render(chosen)
+    lines = table.splitlines()
+    assert len(lines) == 5 and lines[3].startswith("| 0.40 | svd-llm | 0.4000 | 210.00 | 0.400 | 0.2000 |")
+    assert [r["method"]["name"] for r in select(records, None)] == ["dense", "adasvd", "svd", "svd-llm"]
