@@ -29,7 +29,7 @@ def load_records(directory: Path) -> list[dict[str, Any]]:
     records = []
     for path in sorted(directory.rglob("*.json")):
         rec = json.loads(path.read_text(encoding="utf-8"))
-        if rec.get("schema_version") and rec.get("status") == "ok":
+        if isinstance(rec, dict) and rec.get("schema_version") and rec.get("status") == "ok":
             records.append(rec)
     return records
 
@@ -52,7 +52,7 @@ def select(records: list[dict[str, Any]], methods: list[str] | None) -> list[dic
     return sorted(chosen, key=lambda r: (r["ratio"], r["method"]["name"] != "dense", order.get(r["method"]["name"], -1)))
 
 
-def ablation_rows(records: list[dict[str, Any]], metric: str) -> list[list[str]]:
+def ablation_rows(records: list[dict[str, Any]], metric: str, digits: int = 2) -> list[list[str]]:
     rows = []
     for rec in records:
         layers = rec.get("layers") or []
@@ -60,7 +60,7 @@ def ablation_rows(records: list[dict[str, Any]], metric: str) -> list[list[str]]
         errs_c = [layer["calib_rel_error_compressed"] for layer in layers if "calib_rel_error_compressed" in layer]
         t = rec.get("timings_s", {})
         rows.append([
-            _fmt(rec["ratio"]), rec["method"]["name"], _fmt(rec.get("achieved_ratio"), 4), _fmt(metric_value(rec, metric)),
+            _fmt(rec["ratio"]), rec["method"]["name"], _fmt(rec.get("achieved_ratio"), 4), _fmt(metric_value(rec, metric), digits),
             _fmt(sum(errs), 3) if errs else "—", _fmt(sum(errs) / len(errs), 4) if errs else "—",
             _fmt(sum(errs_c) / len(errs_c), 4) if errs_c else "—",
             _fmt(t.get("compress"), 1), _fmt(t.get("eval"), 1),
@@ -68,11 +68,11 @@ def ablation_rows(records: list[dict[str, Any]], metric: str) -> list[list[str]]
     return rows
 
 
-def render(records: list[dict[str, Any]], metric: str = "wikitext2.ppl") -> str:
+def render(records: list[dict[str, Any]], metric: str = "wikitext2.ppl", digits: int = 2) -> str:
     header = ["ratio", "method", "achieved", metric, "sum calib err", "mean calib err",
               "mean err (compressed inputs)", "compress s", "eval s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in ablation_rows(records, metric)]
+    lines += ["| " + " | ".join(row) + " |" for row in ablation_rows(records, metric, digits)]
     return "\n".join(lines) + "\n"
 
 
@@ -81,10 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--metric", default="wikitext2.ppl")
     parser.add_argument("--methods", help="comma-separated method names, in table order (default: all)")
+    parser.add_argument("--digits", type=int, default=2, help="decimals of the metric (e.g. 4 for cosines)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-    text = render(select(load_records(args.directory), methods), args.metric)
+    text = render(select(load_records(args.directory), methods), args.metric, args.digits)
     if args.out:
         args.out.write_text(text, encoding="utf-8")
     print(text, end="")
