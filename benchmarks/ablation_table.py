@@ -49,7 +49,8 @@ def select(records: list[dict[str, Any]], methods: list[str] | None) -> list[dic
     else:
         order = {name: i for i, name in enumerate(methods)}
     chosen = [r for r in records if r["method"]["name"] == "dense" or r["method"]["name"] in order]
-    return sorted(chosen, key=lambda r: (r["ratio"], r["method"]["name"] != "dense", order.get(r["method"]["name"], -1)))
+    return sorted(chosen, key=lambda r: (r["ratio"], r["method"]["name"] != "dense", order.get(r["method"]["name"], -1),
+                                         (r.get("calibration") or {}).get("seed") or 0))
 
 
 def ablation_rows(records: list[dict[str, Any]], metric: str, digits: int = 2) -> list[list[str]]:
@@ -60,7 +61,8 @@ def ablation_rows(records: list[dict[str, Any]], metric: str, digits: int = 2) -
         errs_c = [layer["calib_rel_error_compressed"] for layer in layers if "calib_rel_error_compressed" in layer]
         t = rec.get("timings_s", {})
         rows.append([
-            _fmt(rec["ratio"]), rec["method"]["name"], _fmt(rec.get("achieved_ratio"), 4), _fmt(metric_value(rec, metric), digits),
+            _fmt(rec["ratio"]), rec["method"]["name"], _fmt((rec.get("calibration") or {}).get("seed")),
+            _fmt(rec.get("achieved_ratio"), 4), _fmt(metric_value(rec, metric), digits),
             _fmt(sum(errs), 3) if errs else "—", _fmt(sum(errs) / len(errs), 4) if errs else "—",
             _fmt(sum(errs_c) / len(errs_c), 4) if errs_c else "—",
             _fmt(t.get("compress"), 1), _fmt(t.get("eval"), 1),
@@ -69,7 +71,7 @@ def ablation_rows(records: list[dict[str, Any]], metric: str, digits: int = 2) -
 
 
 def render(records: list[dict[str, Any]], metric: str = "wikitext2.ppl", digits: int = 2) -> str:
-    header = ["ratio", "method", "achieved", metric, "sum calib err", "mean calib err",
+    header = ["ratio", "method", "calib seed", "achieved", metric, "sum calib err", "mean calib err",
               "mean err (compressed inputs)", "compress s", "eval s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in ablation_rows(records, metric, digits)]

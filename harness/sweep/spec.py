@@ -15,10 +15,9 @@ they are checked exactly like the file: ``ratios=[0.2,0.4]``, ``calibration.samp
 
 from __future__ import annotations
 
-import importlib
-
 import copy
 import dataclasses
+import importlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence

@@ -27,5 +27,5 @@ def test_select_orders_dense_first_then_listed_methods(tmp_path: Path):
     assert [r["method"]["name"] for r in chosen] == ["dense", "svd-llm", "adasvd"]
     table = render(chosen)
     lines = table.splitlines()
-    assert len(lines) == 5 and lines[3].startswith("| 0.40 | svd-llm | 0.4000 | 210.00 | 0.400 | 0.2000 |")
+    assert len(lines) == 5 and lines[3].startswith("| 0.40 | svd-llm | — | 0.4000 | 210.00 | 0.400 | 0.2000 |")
     assert [r["method"]["name"] for r in select(records, None)] == ["dense", "adasvd", "svd", "svd-llm"]
