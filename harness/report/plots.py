@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, PercentFormatter
 
 from harness.report import style
 from harness.report.cells import (
@@ -52,12 +52,20 @@ _KIND_ORDER = [
 ]
 
 
+def _kind_rank(kind: str) -> tuple[int, str]:
+    """Sort key of a projection kind: architecture order by its last part (``self_attn.q_proj``)."""
+    last = kind.rsplit(".", 1)[-1]
+    return (_KIND_ORDER.index(last) if last in _KIND_ORDER else len(_KIND_ORDER), kind)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "model"
 
 
 def _plain_number(value: float, _pos: int | None = None) -> str:
     """Tick text without exponents: 5, 20, 1,000, 10,000 (readers compare against tables)."""
+    if value >= 10 and abs(value - round(value)) > 1e-6 * value:
+        return f"{value:,.1f}"  # never round a tick's label to a value it does not sit at (202.5 is not 202)
     if value >= 1000:
         return f"{value:,.0f}"
     return f"{value:.0f}" if value >= 10 else f"{value:g}"
@@ -67,6 +75,12 @@ def _readable_log_y(ax: Any) -> None:
     """Log y ticks with plain labels, denser when the data span few decades."""
     lo, hi = ax.get_ylim()
     decades = math.log10(hi / lo) if lo > 0 else 3.0
+    if decades < 0.3:
+        # Under a factor of 2 a log axis has at most one decade tick: use round linear steps instead.
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6, steps=[1, 2, 5, 10]))
+        ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        return
     subs = (1.0,) if decades > 2.5 else (1.0, 2.0, 5.0) if decades > 0.9 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(FuncFormatter(_plain_number))
@@ -192,7 +206,7 @@ def _rank_allocation(frame: pd.DataFrame, model: str, ratio: float, value: str) 
     if data.empty:
         raise ValueError(f"{model}: no per-layer data at ratio {ratio:g}")
     kinds = sorted(
-        data["kind"].dropna().unique(), key=lambda k: (_KIND_ORDER.index(k) if k in _KIND_ORDER else 99, k)
+        data["kind"].dropna().unique(), key=_kind_rank
     )
     ncols = min(len(kinds), 4)
     nrows = math.ceil(len(kinds) / ncols)

@@ -97,3 +97,34 @@ def test_git_sha_of_this_checkout() -> None:
 
     sha = git_sha()
     assert sha == "unknown" or len(sha.removesuffix("-dirty")) == 40
+
+
+def test_narrow_log_axis_labels_sit_at_their_ticks():
+    """Perplexities within a few percent of each other: every tick label is the tick's value."""
+    import matplotlib.pyplot as plt
+
+    from harness.report.plots import _plain_number, _readable_log_y
+
+    assert _plain_number(202.5) == "202.5" and _plain_number(200.0) == "200" and _plain_number(20000.0) == "20,000"
+    fig, ax = plt.subplots()
+    ax.plot([0.2, 0.8], [198.9, 218.4])
+    ax.set_yscale("log")
+    _readable_log_y(ax)
+    fig.canvas.draw()
+    lo, hi = ax.get_ylim()
+    ticks = [t for t in ax.get_yticks() if lo <= t <= hi]
+    assert len(ticks) >= 3
+    for tick, label in zip(ax.get_yticks(), ax.get_yticklabels(), strict=True):
+        if lo <= tick <= hi:
+            assert float(label.get_text().replace(",", "")) == pytest.approx(tick)
+    plt.close(fig)
+
+
+def test_projection_panels_follow_architecture_order():
+    from harness.report.plots import _kind_rank
+
+    kinds = ["mlp.down_proj", "self_attn.v_proj", "mlp.gate_proj", "self_attn.q_proj", "mlp.up_proj",
+             "self_attn.o_proj", "self_attn.k_proj", "custom.thing"]
+    assert sorted(kinds, key=_kind_rank) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+                                            "custom.thing"]
