@@ -108,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_methods)
     p = sub.add_parser("demo", help="offline end-to-end run on the tiny reference model (needs SVDBENCH_DATA)")
     p.add_argument("--results", default="results/demo")
-    p.add_argument("--model-family", default="tiny-llama", help="reference model name (tiny-llama or tiny-opt)")
+    p.add_argument(
+        "--model-family", default="tiny-llama",
+        help="reference model: tiny-llama or tiny-opt (trained in minutes; too undertrained to separate methods), "
+        "tiny-llama-long or tiny-opt-long (trained about 5x longer; the models of results/)",
+    )
     p.set_defaults(func=_cmd_demo)
     from harness.sweep.cli import add_sweep_subcommand
 
