@@ -11,9 +11,10 @@ dense outputs on compressed-model inputs where the method collected it), and wal
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
+
+from harness.report.store import read_records
 
 
 def metric_value(record: dict[str, Any], dotted: str) -> Any:
@@ -26,12 +27,9 @@ def metric_value(record: dict[str, Any], dotted: str) -> Any:
 
 
 def load_records(directory: Path) -> list[dict[str, Any]]:
-    records = []
-    for path in sorted(directory.rglob("*.json")):
-        rec = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(rec, dict) and rec.get("schema_version") and rec.get("status") == "ok":
-            records.append(rec)
-    return records
+    """The ok records under ``directory`` (the report store's reader: it skips non-record JSON such
+    as diagnostics dumps and hidden temporaries, and names any malformed record)."""
+    return [rec for rec in read_records(directory) if rec["status"] == "ok"]
 
 
 def _fmt(x: Any, digits: int = 2) -> str:

@@ -25,6 +25,7 @@ import torch
 from harness.compress import compress_model, restore
 from harness.data import sample_calibration
 from harness.models import discover, load_model
+from harness.reference_probes import mean_token_nll
 from harness.stats import capture_block_inputs, stream_blocks
 from methods import AllocationContext, Method
 from methods.adacr import block_importance
@@ -43,16 +44,6 @@ class OneBlock:
 
     def allocate(self, ctx: AllocationContext, ratio: float) -> dict[str, float]:
         return {m.name: (1.0 - ratio if m.block == self.block else 1.0) for m in ctx.modules}
-
-
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, ids: torch.Tensor, batch: int = 8) -> float:
-    total, count = 0.0, 0
-    for s in range(0, ids.shape[0], batch):
-        out = model(input_ids=ids[s : s + batch], labels=ids[s : s + batch], use_cache=False)
-        total += float(out.loss) * ids[s : s + batch].shape[0]
-        count += ids[s : s + batch].shape[0]
-    return total / count
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -85,14 +76,14 @@ def main() -> None:
     heldout = sample_calibration(tok, heldout_src, args.heldout_samples, args.seqlen, 12345).input_ids
     dense = stream_blocks(model, layout, capture_block_inputs(model, layout, calib.input_ids, torch.device("cpu")),
                           torch.device("cpu"))
-    base = mean_loss(model, heldout)
+    base = mean_token_nll(model, heldout, batch_size=8)
     imp = block_importance(dense.block_cosine, "dissimilarity")
     rows = []
     for b in range(layout.n_blocks):
         method = Method(f"svd-llm@block{b}", OneBlock(b), WhitenedFactorizer(), NoRefiner())  # type: ignore[arg-type]
         res = compress_model(model, layout, method, args.ratio, dense, torch.device("cpu"))
         try:
-            delta = mean_loss(model, heldout) - base
+            delta = mean_token_nll(model, heldout, batch_size=8) - base
         finally:
             restore(model, res)
         rows.append({"block": b, "cosine": dense.block_cosine[b], "importance_n": imp[b], "loss_increase": delta})

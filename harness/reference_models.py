@@ -123,7 +123,7 @@ REFERENCE_SPECS: dict[str, ReferenceSpec] = {
     # tokens): the 250-step models are so undertrained that their linears are a low-rank learned
     # update on top of random init, and even 80% SVD compression moves perplexity by under 1%, so
     # method comparisons on them are noise. These are the models of results/reference and the
-    # ablations (about 10 minutes each on two CPU cores).
+    # ablations (about 18 CPU-minutes each: 1,083 and 1,191 CPU-seconds measured at one thread).
     "tiny-llama-long": ReferenceSpec("tiny-llama-long", "llama", intermediate_size=688, **_TINY, **_LONG),
     "tiny-opt-long": ReferenceSpec("tiny-opt-long", "opt", intermediate_size=1024, **_TINY, **_LONG),
     "small-llama": ReferenceSpec("small-llama", "llama", intermediate_size=1376, **_SMALL),

@@ -233,7 +233,7 @@ class KLSensitivityProbe:
             for i, block in enumerate(blocks[:-1]):  # the last block's output is never replayed
                 handles.append(block.register_forward_hook(
                     lambda _m, _a, out, i=i: record[i].append(_move(out, "cpu"))))
-        total, count, logps = 0.0, 0, []
+        total, count, dense_outputs = 0.0, 0, []
         try:
             for j, lo in enumerate(range(0, ids.shape[0], self.batch_size)):
                 self.batch_index = j
@@ -241,7 +241,7 @@ class KLSensitivityProbe:
                 batch_mask = None if mask is None else mask[lo: lo + self.batch_size].to(self.device)
                 outputs = self._outputs(batch, batch_mask)
                 if ref is None:
-                    logps.append(outputs.cpu())
+                    dense_outputs.append(outputs.cpu())
                 else:
                     d = self._divergence(ref[j].to(self.device), outputs, batch_mask)
                     total, count = total + float(d.double().sum()), count + d.numel()
@@ -251,7 +251,7 @@ class KLSensitivityProbe:
                 h.remove()
             for i, block in enumerate(saved):
                 blocks[i] = block
-        return (total / max(count, 1)), logps
+        return (total / max(count, 1)), dense_outputs
 
     def _measure(self, ids: Tensor, mask: Tensor | None, keeps: list[float], base_keep: float) -> tuple[dict[str, dict[float, float]], int]:
         plan = self._plan(keeps, base_keep)

@@ -9,7 +9,8 @@ from benchmarks.ablation_table import load_records, render, select
 
 
 def _record(path: Path, method: str, ratio: float, ppl: float, errs: list[float]) -> None:
-    rec = {"schema_version": 1, "status": "ok", "method": {"name": method}, "ratio": ratio,
+    rec = {"schema_version": 1, "run_key": path.stem, "model": {"id": "m"}, "status": "ok",
+           "method": {"name": method}, "ratio": ratio,
            "achieved_ratio": ratio, "metrics": {"wikitext2": {"ppl": ppl}},
            "layers": [{"calib_rel_error": e} for e in errs], "timings_s": {"compress": 1.0, "eval": 2.0}}
     path.write_text(json.dumps(rec))
@@ -20,9 +21,11 @@ def test_select_orders_dense_first_then_listed_methods(tmp_path: Path):
     _record(tmp_path / "b.json", "adasvd", 0.4, 205.0, [0.2, 0.2])
     _record(tmp_path / "c.json", "svd", 0.4, 300.0, [0.5, 0.5])
     _record(tmp_path / "d.json", "dense", 0.0, 200.0, [])
-    (tmp_path / "e.json").write_text(json.dumps({"schema_version": 1, "status": "failed", "method": {"name": "svd"}}))
+    (tmp_path / "e.json").write_text(json.dumps({"schema_version": 1, "run_key": "e", "model": {"id": "m"},
+                                                 "status": "failed", "method": {"name": "svd"}, "ratio": 0.4}))
+    (tmp_path / "f.json").write_text(json.dumps([{"method": "svd-llm"}]))  # a diagnostics dump, not a record
     records = load_records(tmp_path)
-    assert len(records) == 4  # the failed record is left out
+    assert len(records) == 4  # the failed record and the non-record JSON are left out
     chosen = select(records, ["svd-llm", "adasvd"])
     assert [r["method"]["name"] for r in chosen] == ["dense", "svd-llm", "adasvd"]
     table = render(chosen)
