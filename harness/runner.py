@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from harness import data
-from harness.cache import STATS_VERSION, cache_path, load_dense_stats, save_dense_stats
+from harness.cache import cache_path
 from harness.compress import compress_model, restore
 from harness.evaluate import EvalSettings, compute_references, preflight, run_evaluations
 from harness.models import (
@@ -42,7 +42,7 @@ from harness.records import (
     write_json_atomic,
 )
 from harness.sensitivity import KLSensitivityProbe
-from harness.stats import DenseStats, capture_block_inputs, stream_blocks
+from harness.stats import STATS_VERSION, DenseStats, capture_block_inputs, load_dense_stats, save_dense_stats, stream_blocks
 from methods import Method, parse_method
 
 log = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from harness.cache import save_tensor_dict
 from harness.models import Layout, get_module
 from methods import LinearStats
 
@@ -346,3 +347,27 @@ def stream_blocks(
             batch.hidden = out
         block.to(home)
     return DenseStats(all_stats, cosines, tokens)
+
+
+STATS_VERSION = 1
+
+
+def save_dense_stats(path: Path, stats: DenseStats) -> None:
+    save_tensor_dict(path, {
+        "version": STATS_VERSION,
+        "grams": {name: (s.gram, s.tokens) for name, s in stats.linear.items()},
+        "block_cosine": stats.block_cosine,
+        "tokens": stats.tokens,
+    })
+
+
+def load_dense_stats(path: Path) -> DenseStats | None:
+    """The cached statistics at ``path``, or None when absent or from another cache version."""
+    if not path.is_file():
+        return None
+    blob = torch.load(path, weights_only=True)
+    if blob.get("version") != STATS_VERSION:
+        return None
+    linear = {name: LinearStats(gram, tokens) for name, (gram, tokens) in blob["grams"].items()}
+    log.info("statistics loaded from cache %s", path)
+    return DenseStats(linear, list(blob["block_cosine"]), int(blob["tokens"]))

