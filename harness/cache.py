@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-
 log = logging.getLogger(__name__)
 
 

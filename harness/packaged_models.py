@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ def _converted_dir(model: PackagedModel, gguf: Path) -> Path:
     return target
 
 
-@lru_cache(maxsize=None)
+@cache
 def resolve_packaged(alias: str) -> Path:
     """The ``save_pretrained`` directory of a packaged model alias (verified once per process).
 

@@ -42,7 +42,14 @@ from harness.records import (
     write_json_atomic,
 )
 from harness.sensitivity import KLSensitivityProbe
-from harness.stats import STATS_VERSION, DenseStats, capture_block_inputs, load_dense_stats, save_dense_stats, stream_blocks
+from harness.stats import (
+    STATS_VERSION,
+    DenseStats,
+    capture_block_inputs,
+    load_dense_stats,
+    save_dense_stats,
+    stream_blocks,
+)
 from methods import Method, parse_method
 
 log = logging.getLogger(__name__)
