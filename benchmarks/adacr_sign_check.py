@@ -16,20 +16,24 @@ import argparse
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from harness.compress import compress_model, restore
 from harness.data import sample_calibration
+from harness.engine.capture import capture_block_inputs
+from harness.engine.compress import compress_model, restore
+from harness.engine.statistics import CalibrationStatistics
 from harness.models import discover, load_model
 from harness.reference_probes import mean_token_nll
-from harness.stats import capture_block_inputs, stream_blocks
 from methods import AllocationContext, Method
 from methods.adacr import block_importance
+from methods.block_similarity import BlockCosine
 from methods.method import NoRefiner
+from methods.statistics import InputGram
 from methods.svd_llm import WhitenedFactorizer
 
 log = logging.getLogger("benchmarks.adacr_sign_check")
@@ -74,20 +78,25 @@ def main() -> None:
     layout = discover(model)
     calib = sample_calibration(tok, calib_src, args.calib_samples, args.seqlen, 0)
     heldout = sample_calibration(tok, heldout_src, args.heldout_samples, args.seqlen, 12345).input_ids
-    dense = stream_blocks(model, layout, capture_block_inputs(model, layout, calib.input_ids, torch.device("cpu")),
-                          torch.device("cpu"))
+    cpu = torch.device("cpu")
+    source = CalibrationStatistics.in_directory(
+        model, layout, lambda: capture_block_inputs(model, layout, calib.input_ids, cpu), cpu,
+        Path(tempfile.mkdtemp(prefix="adacr-sign-check-")))
+    cosine = [BlockCosine()]
+    source.compute([InputGram(), *cosine])
+    block_cosine = [v["block_cosine"] for v in source.block_values(cosine)]
     base = mean_token_nll(model, heldout, batch_size=8)
-    imp = block_importance(dense.block_cosine, "dissimilarity")
+    imp = block_importance(block_cosine, "dissimilarity")
     rows = []
     for b in range(layout.n_blocks):
         method = Method(f"svd-llm@block{b}", OneBlock(b), WhitenedFactorizer(), NoRefiner())  # type: ignore[arg-type]
-        res = compress_model(model, layout, method, args.ratio, dense, torch.device("cpu"))
+        res = compress_model(model, layout, method, args.ratio, source)
         try:
             delta = mean_token_nll(model, heldout, batch_size=8) - base
         finally:
             restore(model, res)
-        rows.append({"block": b, "cosine": dense.block_cosine[b], "importance_n": imp[b], "loss_increase": delta})
-        log.info("block %d: cos %.4f  I_n %.3f  dloss %.4f", b, dense.block_cosine[b], imp[b], delta)
+        rows.append({"block": b, "cosine": block_cosine[b], "importance_n": imp[b], "loss_increase": delta})
+        log.info("block %d: cos %.4f  I_n %.3f  dloss %.4f", b, block_cosine[b], imp[b], delta)
     rho = spearman([r["importance_n"] for r in rows], [r["loss_increase"] for r in rows])
     result = {"model": args.model, "ratio": args.ratio, "heldout": heldout_src, "dense_loss": base, "blocks": rows,
               "spearman_importance_vs_loss_increase": rho}

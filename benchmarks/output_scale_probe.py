@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from harness import data
-from harness.compress import compress_model, restore
+from harness.engine.capture import capture_block_inputs
+from harness.engine.compress import compress_model, restore
+from harness.engine.statistics import CalibrationStatistics
 from harness.models import discover, get_module, is_encoder_config, load_model
-from harness.stats import capture_block_inputs, stream_blocks
 from methods import parse_method, split_method_list
 
 log = logging.getLogger("benchmarks.output_scale_probe")
@@ -82,7 +84,8 @@ def probe(args: argparse.Namespace) -> list[dict[str, Any]]:
     def batches():
         return capture_block_inputs(model, layout, calib.input_ids, device, attention_mask=calib.attention_mask)
 
-    dense = stream_blocks(model, layout, batches(), device)
+    source = CalibrationStatistics.in_directory(model, layout, batches, device,
+                                                Path(tempfile.mkdtemp(prefix="output-scale-probe-")))
     names = [m.name for m in layout.modules]
     kind = {m.name: m.kind for m in layout.modules}
     ref, ref_final = output_norms(model, names, held.input_ids, mask)
@@ -90,7 +93,7 @@ def probe(args: argparse.Namespace) -> list[dict[str, Any]]:
     for spec in args.method:
         method = parse_method(spec)
         for ratio in args.ratio:
-            result = compress_model(model, layout, method, ratio, dense, device, batches)
+            result = compress_model(model, layout, method, ratio, source)
             try:
                 norms, final = output_norms(model, names, held.input_ids, mask)
             finally:

@@ -18,16 +18,16 @@ The wheels are located with :func:`importlib.util.find_spec`, never imported: ``
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+
+from harness.cache import cache_root, directory_manifest, file_sha256, manifest_mismatches, move_aside
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +85,14 @@ def _check_needs(model: PackagedModel) -> None:
         )
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("SVDBENCH_CACHE")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "svdbench") / "packaged_models"
-
-
 MANIFEST = "svdbench_manifest.json"
 
 
 def _manifest_ok(directory: Path) -> bool:
     """True when ``directory`` holds a complete conversion whose files match their recorded checksums."""
-    path = directory / MANIFEST
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        return all(file_sha256(directory / name) == digest for name, digest in manifest["files"].items())
+        manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+        return not manifest_mismatches(directory, manifest["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
@@ -134,21 +119,18 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     plain.eval()
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    files = {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
-    (out / MANIFEST).write_text(json.dumps({"source": gguf.name, "source_sha256": file_sha256(gguf), "files": files},
-                                           indent=1), encoding="utf-8")
+    manifest = {"source": gguf.name, "source_sha256": file_sha256(gguf), "files": directory_manifest(out)}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
 
 def _converted_dir(model: PackagedModel, gguf: Path) -> Path:
     """The cached conversion of ``gguf``; built (atomically) when absent, rebuilt when corrupted."""
     sha = file_sha256(gguf)
-    target = _cache_root() / f"{model.alias}-{sha[:16]}"
+    target = cache_root() / "packaged_models" / f"{model.alias}-{sha[:16]}"
     if target.is_dir():
         if _manifest_ok(target):
             return target
-        aside = target.with_name(f"{target.name}.corrupt-{os.getpid()}")
-        log.warning("cached conversion %s fails its checksums; moved aside to %s and rebuilt", target, aside)
-        target.rename(aside)
+        move_aside(target, "cached conversion fails its checksums")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -17,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from harness.cache import move_aside
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -58,12 +63,27 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         raise
 
 
-def read_record(path: Path) -> dict[str, Any] | None:
-    """The record at ``path``, or None when absent."""
+def read_record(path: Path, repair: bool = True) -> dict[str, Any] | None:
+    """The record at ``path``, or None when absent or unreadable.
+
+    Records are written atomically, so one that does not parse (truncated by a full disk, edited by
+    hand) is never trusted: with ``repair`` it is moved aside (renamed, never deleted) and logged, so
+    the cell is recomputed; without it (dry runs, status views) it is only logged.
+    """
     if not path.is_file():
         return None
-    with path.open(encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        with path.open(encoding="utf-8") as fh:
+            record = json.load(fh)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        return record
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        if repair:
+            move_aside(path, f"unreadable record ({exc})")
+        else:
+            log.warning("unreadable record %s (%s); the cell counts as missing", path, exc)
+        return None
 
 
 def git_state() -> dict[str, Any]:

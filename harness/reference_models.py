@@ -50,6 +50,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedModel
 
+from harness.cache import directory_manifest, manifest_mismatches, move_aside
 from harness.reference_probes import activation_outlier_report, mean_token_nll
 from harness.reference_tokenizer import (
     data_checksums,
@@ -322,6 +323,8 @@ def train_reference_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu", dtype=torch.float32).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    # Checksums of every file, so a damaged cache entry is detected on read (ensure_reference_model).
+    card["files"] = directory_manifest(out_dir)
     (out_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return card
 
@@ -354,6 +357,16 @@ def is_trained(path: str | Path) -> bool:
     return (Path(path) / CARD_NAME).is_file()
 
 
+def _damaged_files(path: Path) -> list[str]:
+    """Files of a trained reference model that no longer match the checksums of its card (cards
+    written before checksums were recorded are trusted as they are)."""
+    try:
+        card = json.loads((path / CARD_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [CARD_NAME]
+    return manifest_mismatches(path, card.get("files") or {})
+
+
 def ensure_reference_model(
     name: str,
     data_dir: str | Path | None = None,
@@ -383,8 +396,11 @@ def ensure_reference_model(
     """
     final = reference_model_path(name, data_dir, cache_dir, seed=seed)
     if is_trained(final):
-        logger.info("Reference model %s found in cache: %s", name, final)
-        return final
+        bad = _damaged_files(final)
+        if not bad:
+            logger.info("Reference model %s found in cache: %s", name, final)
+            return final
+        move_aside(final, f"cached reference model fails its checksums ({', '.join(bad)})")
     spec = REFERENCE_SPECS[name]
     cache_root = final.parent
     cache_root.mkdir(parents=True, exist_ok=True)

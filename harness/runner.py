@@ -10,10 +10,11 @@ recorded and undone. Finished cells (records with status ``ok``) are skipped, so
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,10 @@ import torch
 
 from harness import data
 from harness.cache import cache_path
-from harness.compress import compress_model, restore
+from harness.engine.capture import Batch, capture_block_inputs
+from harness.engine.compress import compress_model, restore
+from harness.engine.statistics import CalibrationStatistics
+from harness.engine.store import STORE_VERSION, StatsStore
 from harness.evaluate import EvalSettings, compute_references, preflight, run_evaluations
 from harness.models import (
     discover,
@@ -32,6 +36,7 @@ from harness.models import (
     read_config,
     resolve_model_path,
 )
+from harness.probes import ProbeContext, build_probes
 from harness.records import (
     SCHEMA_VERSION,
     peak_memory_bytes,
@@ -40,15 +45,6 @@ from harness.records import (
     run_key,
     svdbench_version,
     write_json_atomic,
-)
-from harness.sensitivity import KLSensitivityProbe
-from harness.stats import (
-    STATS_VERSION,
-    DenseStats,
-    capture_block_inputs,
-    load_dense_stats,
-    save_dense_stats,
-    stream_blocks,
 )
 from methods import Method, parse_method
 
@@ -191,7 +187,7 @@ def planned_keys(prep: Prepared) -> dict[tuple[str, float], str]:
 
 
 class Session:
-    """A loaded model with its dense statistics; runs cells against it."""
+    """A loaded model with its calibration statistics; runs cells against it."""
 
     def __init__(self, prep: Prepared) -> None:
         cfg = prep.config
@@ -206,59 +202,54 @@ class Session:
             prep.eval_seqlen, cfg.eval_batch_size, cfg.eval_max_windows, cfg.limit, cfg.tasks, cfg.seed, prep.device
         )
         self.results = Path(cfg.results)
-        self._dense: DenseStats | None = None
-        self.stats_s = 0.0
-        self.calibration = None
-        self.stats_cached = False
-        self._probes: dict[str, Any] | None = None
+        self.calibration: data.Calibration | None = None
+        self._statistics: CalibrationStatistics | None = None
+        self._scratch: tempfile.TemporaryDirectory | None = None
 
     # -- shared pieces -------------------------------------------------------------------------
-    def _batches(self):
+    def _batches(self) -> list[Batch]:
         assert self.calibration is not None
         cal = self.calibration
         return capture_block_inputs(self.model, self.layout, cal.input_ids, self.prep.device, attention_mask=cal.attention_mask)
 
-    def dense_stats(self) -> DenseStats:
-        if self._dense is None:
-            cfg = self.cfg
-            t0 = time.perf_counter()
-            torch.manual_seed(cfg.seed)
+    def statistics(self) -> CalibrationStatistics:
+        """The calibration statistics of this session (calibration drawn once; store opened, nothing computed)."""
+        if self._statistics is None:
+            torch.manual_seed(self.cfg.seed)
             self.calibration = draw_calibration(self.prep, self.tokenizer, self.encoder)
-            path = self.stats_cache_path()
-            cached = load_dense_stats(path) if path is not None else None
-            if cached is not None:
-                self._dense, self.stats_cached = cached, True
-            else:
-                self._dense = stream_blocks(self.model, self.layout, self._batches(), self.prep.device)
-                if path is not None:
-                    save_dense_stats(path, self._dense)
-            self.stats_s = time.perf_counter() - t0
-            log.info("dense statistics: %d tokens per layer in %.1f s", self._dense.tokens, self.stats_s)
-        return self._dense
+            root = self.stats_store_path()
+            if root is None:  # no stable identity of the weights: a store for this process only
+                self._scratch = tempfile.TemporaryDirectory(prefix="svdbench-stats-")
+                root = Path(self._scratch.name)
+            identity = {"model": self.model_info.get("content_hash") or self.model_info.get("revision"),
+                        "dtype": self.prep.dtype, "tokens": self.calibration.token_hash}
+            self._statistics = CalibrationStatistics(self.model, self.layout, self._batches, self.prep.device,
+                                                     StatsStore(root, self.layout.n_blocks), identity)
+        return self._statistics
 
-    def stats_cache_path(self) -> Path | None:
-        """Statistics are cached per (model weights, dtype, calibration tokens); None without a content hash."""
+    def stats_store_path(self) -> Path | None:
+        """Statistics are stored per (model weights, dtype, calibration tokens); None without a content hash."""
         if self.model_info.get("content_hash") is None and self.model_info.get("revision") is None or self.calibration is None:
             return None
         key = run_key({"model": self.model_info.get("content_hash") or self.model_info.get("revision"),
-                       "dtype": self.prep.dtype, "tokens": self.calibration.token_hash, "version": STATS_VERSION})
+                       "dtype": self.prep.dtype, "tokens": self.calibration.token_hash, "version": STORE_VERSION})
         return cache_path("stats", key)
 
-    def probes(self) -> dict[str, Any]:
-        """Engine measurements offered to allocators (``AllocationContext.probes``), built once.
+    def probes(self, method: Method) -> dict[str, Any]:
+        """The engine measurements ``method``'s allocator declared (building runs nothing)."""
+        if not method.probes:
+            return {}
+        source = self.statistics()
+        assert self.calibration is not None
+        dense = method.statistics()
+        ctx = ProbeContext(self.model, self.layout, self.calibration.input_ids, self.calibration.attention_mask,
+                           self.prep.device, self.model_info, lambda i: source.load(i, dense)[0])
+        return build_probes(method.probes, ctx)
 
-        Building costs nothing: a probe runs the model only when an allocator calls it.
-        """
-        if self._probes is None:
-            dense = self.dense_stats()
-            assert self.calibration is not None
-            self._probes = {
-                "kl_sensitivity": KLSensitivityProbe(
-                    self.model, self.layout, dense.linear, self.calibration.input_ids, self.prep.device, self.model_info,
-                    attention_mask=self.calibration.attention_mask,
-                ),
-            }
-        return self._probes
+    def calibration_tokens(self) -> int:
+        assert self.calibration is not None
+        cal = self.calibration
+        return int(cal.attention_mask.sum()) if cal.attention_mask is not None else cal.input_ids.numel()
 
     def _evaluate(self) -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
@@ -317,7 +308,7 @@ class Session:
 
     def run_cell(self, method: Method, ratio: float) -> Path:
         """Compress with ``method`` at ``ratio``, evaluate, write the record, restore the model."""
-        dense = self.dense_stats()
+        source = self.statistics()
         assert self.calibration is not None
         calib = self.calibration.record()
         key = run_key(self._key_fields({"name": method.name, "config": method.config()}, ratio, calib))
@@ -333,14 +324,12 @@ class Session:
         }
         if self.prep.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.prep.device)
-        probes = self.probes()
-        for probe in probes.values():
-            probe.last_cost = {}  # so the record reports only what this cell's allocator asked for
+        stats_before = source.seconds
         t0 = time.perf_counter()
+        probes: dict[str, Any] = {}
         try:
-            result = compress_model(
-                self.model, self.layout, method, ratio, dense, self.prep.device, self._batches, probes=probes
-            )
+            probes = self.probes(method)
+            result = compress_model(self.model, self.layout, method, ratio, source, probes=probes)
         except Exception:
             write_json_atomic(path, {**base, "status": "failed", "error": traceback.format_exc()})
             raise
@@ -361,13 +350,17 @@ class Session:
             "params_model_dense": result.params_model_dense,
             "params_model_compressed": result.params_model_compressed,
             "metrics": metrics,
-            "timings_s": {"load": self.load_s, "statistics": self.stats_s, "compress": compress_s, "eval": eval_s},
-            "statistics_cached": self.stats_cached,
+            # statistics: dense statistics passes run for this cell (0 when read from the store);
+            # allocation includes the probes; compress is the whole compression wall time.
+            "timings_s": {"load": self.load_s, "statistics": source.seconds - stats_before, **result.timings_s,
+                          "compress": compress_s, "eval": eval_s},
+            "statistics_cached": not (source.seconds - stats_before),
+            "statistics": result.statistics,
             # Engine probes this cell's allocator ran (forwards, seconds, measure, cache hit); their
-            # time is part of timings_s.compress.
-            "probes": {name: dict(p.last_cost) for name, p in probes.items() if p.last_cost},
+            # time is part of timings_s.allocation.
+            "probes": {name: dict(p.last_cost) for name, p in probes.items() if getattr(p, "last_cost", None)},
             "peak_memory_bytes": peak_memory_bytes(self.prep.device)["bytes"],
-            "numerics": {**result.numerics, "calibration_tokens_per_layer": dense.tokens},
+            "numerics": {**result.numerics, "calibration_tokens_per_layer": self.calibration_tokens()},
             "layers": result.layers,
         }
         write_json_atomic(path, record)
@@ -397,5 +390,3 @@ def run(cfg: RunConfig) -> list[Path]:
     return paths
 
 
-def config_dict(cfg: RunConfig) -> dict[str, Any]:
-    return asdict(cfg)

@@ -15,6 +15,7 @@ import torch
 from harness.models import get_module
 from harness.runner import Session
 from methods._linalg import rank_from_ratio
+from methods.statistics import InputGram
 
 
 def dump_spectra(session: Session, out: Path, ratio: float | None = None) -> Path:
@@ -25,17 +26,21 @@ def dump_spectra(session: Session, out: Path, ratio: float | None = None) -> Pat
         out: Output file.
         ratio: When given, each entry's ``rank`` is the rank kept at that ratio.
     """
-    dense = session.dense_stats()
+    source = session.statistics()
+    gram = [InputGram()]
+    source.compute(source.missing(gram))
     entries = []
-    for mod in session.layout.modules:
-        weight = get_module(session.model, mod.name).weight.detach().double()
-        white = dense.linear[mod.name].whitening()
-        entries.append({
-            "layer": mod.name,
-            "plain": torch.linalg.svdvals(weight).tolist(),
-            "whitened": torch.linalg.svdvals(weight @ white.factor).tolist(),
-            "rank": None if ratio is None else rank_from_ratio(mod.out_features, mod.in_features, ratio),
-        })
+    for block in range(session.layout.n_blocks):  # one block's statistics in memory at a time
+        stats = source.load(block, gram)[0]
+        for mod in session.layout.in_block(block):
+            weight = get_module(session.model, mod.name).weight.detach().to(source.device, torch.float64)
+            white = stats[mod.name].whitening()
+            entries.append({
+                "layer": mod.name,
+                "plain": torch.linalg.svdvals(weight).tolist(),
+                "whitened": torch.linalg.svdvals(weight @ white.factor).tolist(),
+                "rank": None if ratio is None else rank_from_ratio(mod.out_features, mod.in_features, ratio),
+            })
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(entries), encoding="utf-8")
     return out

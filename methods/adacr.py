@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+from methods.block_similarity import BlockCosine
 from methods.components import AllocationContext, register
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class AdaCRAllocator:
     """
 
     name: ClassVar[str] = "adacr"
+    uses_calibration: ClassVar[bool] = True  # reads every block's cosine before allocating
     mrr_delta: float = 0.1
     mrr: float | None = None
     min_keep: float = 0.05
@@ -123,6 +125,9 @@ class AdaCRAllocator:
             raise ValueError(f"adacr needs 0 < min_keep <= max_keep <= 1, got {self.min_keep}, {self.max_keep}")
         if self.importance not in IMPORTANCES:
             raise ValueError(f"adacr.importance must be one of {IMPORTANCES}, got {self.importance!r}")
+
+    def statistics(self) -> tuple[BlockCosine, ...]:
+        return (BlockCosine(),)
 
     def block_keeps(self, ctx: AllocationContext, ratio: float) -> list[float]:
         """Keep ratio per decoder block at compression ``ratio``."""

@@ -102,7 +102,7 @@ class ColumnPreservingFactorization:
     def dense(self) -> Tensor:
         """``W': (m, n)`` float64."""
         m, n = self.a.shape[0], self.kept_idx.numel() + self.rest_idx.numel()
-        out = torch.zeros(m, n, dtype=torch.float64)
+        out = torch.zeros(m, n, dtype=torch.float64, device=self.a.device)
         out[:, self.kept_idx] = self.columns.double()
         out[:, self.rest_idx] = self.a.double() @ self.b.double()
         return out

@@ -46,33 +46,57 @@ class ModuleInfo:
         return self.out_features * self.in_features
 
 
-@dataclass
 class LinearStats:
-    """Calibration statistics of one target linear (all float64, on CPU).
+    """Calibration statistics of one target linear: the named results of the declared statistics.
+
+    Linears that read the same input tensor (q/k/v, gate/up) share one instance, so whitening is
+    computed once for all of them. Every tensor lives on the compute device, float64.
 
     Attributes:
-        gram: ``H = sum_t x_t x_t^T: (n, n)`` over the dense model's inputs to this layer.
+        values: Result name -> tensor (see :mod:`methods.statistics`).
         tokens: Number of tokens summed into ``gram``.
-        gram_hat: ``sum_t xh_t xh_t^T`` over inputs of the model whose earlier blocks are already
-            compressed (only collected when a component asks for compressed inputs).
-        cross: ``sum_t x_t xh_t^T: (n, n)``, dense by compressed inputs (same token pairs).
-        gram_stacked: Stack-of-batch Gram ``sum_j xbar_j xbar_j^T`` over averaged groups of
-            ``mini_bsz`` shuffled samples (token positions aligned), only when a component asks for
-            it (``stack_of_batch`` option); ``gram_hat_stacked`` / ``cross_stacked`` are the same
-            for the compressed stream and the dense-by-compressed pairs (paired pass only).
     """
 
-    gram: Tensor
-    tokens: int
-    gram_hat: Tensor | None = None
-    cross: Tensor | None = None
-    gram_stacked: Tensor | None = None
-    gram_hat_stacked: Tensor | None = None
-    cross_stacked: Tensor | None = None
-    _white: Whitening | None = field(default=None, repr=False)
+    def __init__(self, gram: Tensor | None = None, tokens: int = 0, gram_hat: Tensor | None = None,
+                 cross: Tensor | None = None, **values: Tensor | None) -> None:
+        named = {"gram": gram, "gram_hat": gram_hat, "cross": cross, **values}
+        self.values: dict[str, Tensor] = {k: v for k, v in named.items() if v is not None}
+        self.tokens = int(tokens)
+        self._white: Whitening | None = None
+
+    @classmethod
+    def from_results(cls, results: dict[str, Tensor]) -> LinearStats:
+        """From accumulator results (``tokens`` becomes the integer attribute)."""
+        values = dict(results)
+        tokens = values.pop("tokens", None)
+        return cls(tokens=0 if tokens is None else int(tokens), **values)
+
+    def get(self, name: str) -> Tensor | None:
+        return self.values.get(name)
+
+    @property
+    def gram(self) -> Tensor:
+        """``H = sum_t x_t x_t^T: (n, n)`` over the dense model's inputs to this layer."""
+        return self.values["gram"]
+
+    def _set(self, name: str, value: Tensor | None) -> None:
+        if value is None:
+            self.values.pop(name, None)
+        else:
+            self.values[name] = value
+
+    gram_hat = property(lambda self: self.values.get("gram_hat"), lambda self, v: self._set("gram_hat", v),
+                        doc="``sum_t xh_t xh_t^T``: inputs of the model whose earlier blocks are compressed.")
+    cross = property(lambda self: self.values.get("cross"), lambda self, v: self._set("cross", v),
+                     doc="``sum_t x_t xh_t^T: (n, n)``, dense by compressed inputs (same token pairs).")
+    gram_stacked = property(lambda self: self.values.get("gram_stacked"), lambda self, v: self._set("gram_stacked", v),
+                            doc="Stack-of-batch Gram ``sum_j xbar_j xbar_j^T`` (:mod:`methods.stack_of_batch`).")
+    gram_hat_stacked = property(lambda self: self.values.get("gram_hat_stacked"),
+                                lambda self, v: self._set("gram_hat_stacked", v))
+    cross_stacked = property(lambda self: self.values.get("cross_stacked"), lambda self, v: self._set("cross_stacked", v))
 
     def whitening(self) -> Whitening:
-        """Whitening of ``gram``, computed once and shared by every ratio and method."""
+        """Whitening of ``gram``, computed once and shared by every ratio, method and sharing linear."""
         if self._white is None:
             self._white = whitening(self.gram)
         return self._white
@@ -85,11 +109,14 @@ class AllocationContext:
     Attributes:
         modules: Every target linear, in model order.
         n_blocks: Number of decoder blocks.
-        block_cosine: Mean over calibration tokens of cos(block input, block output), per block
-            (from the dense statistics pass).
-        stats: Per-module statistics (name -> LinearStats), for allocators that need spectra.
+        block_cosine: Per block, mean over calibration tokens of cos(block input, block output);
+            filled from ``block_values`` when the allocator declares :class:`BlockCosine`.
+        stats: Per-module statistics (name -> LinearStats), when they fit in memory (tests).
         probes: Engine-backed measurements by name (e.g. a KL deviation of the perturbed model),
             for allocators that must run the model.
+        block_values: Per block, the scalar results of the block-scope statistics the method declared.
+        load_block: ``f(block) -> {module name: LinearStats}``: one block's statistics, read from the
+            engine's store (host memory stays bounded by one block).
     """
 
     modules: list[ModuleInfo]
@@ -97,9 +124,19 @@ class AllocationContext:
     block_cosine: list[float] | None = None
     stats: dict[str, LinearStats] | None = None
     probes: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    block_values: list[dict[str, float]] | None = None
+    load_block: Callable[[int], dict[str, LinearStats]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_cosine is None and self.block_values and "block_cosine" in self.block_values[0]:
+            self.block_cosine = [b["block_cosine"] for b in self.block_values]
 
 
 class Allocator(Protocol):
+    """Optional declarations (absent = none): ``statistics() -> tuple[Statistic, ...]``,
+    ``probes: tuple[str, ...]`` (engine measurements it calls) and ``uses_calibration: bool``
+    (True when ``allocate`` reads statistics or probes, so they must be complete first)."""
+
     name: ClassVar[str]
 
     def allocate(self, ctx: AllocationContext, ratio: float) -> dict[str, float]:
@@ -108,6 +145,8 @@ class Allocator(Protocol):
 
 
 class Factorizer(Protocol):
+    """Optional declaration: ``statistics() -> tuple[Statistic, ...]`` beyond the dense Gram."""
+
     name: ClassVar[str]
 
     @property
@@ -119,6 +158,8 @@ class Factorizer(Protocol):
 
 
 class Refiner(Protocol):
+    """Optional declaration: ``statistics() -> tuple[Statistic, ...]`` beyond the dense Gram."""
+
     name: ClassVar[str]
 
     @property

@@ -35,6 +35,8 @@ from methods.components import (
 )
 from methods.lowrank import Factorization
 from methods.registry import Registry, did_you_mean
+from methods.stack_of_batch import StackedGrams
+from methods.statistics import CompressedPrefixGrams, InputGram, Statistic, union
 
 
 @register("allocator")
@@ -74,6 +76,25 @@ register_method("svd", "uniform", "plain")
 register_method("svd-llm", "uniform", "whitened")
 
 
+def _declared_statistics(component: Any) -> tuple[Statistic, ...]:
+    """A component's declared statistics.
+
+    Components written before statistics were declared say ``needs_compressed_inputs`` and, for
+    adaComp, ``stack_of_batch``; those two attributes are translated here (and nowhere else).
+    """
+    declare = getattr(component, "statistics", None)
+    if callable(declare):
+        return tuple(declare())
+    out: list[Statistic] = []
+    paired = bool(getattr(component, "needs_compressed_inputs", False))
+    stack = int(getattr(component, "stack_of_batch", 0) or 0)
+    if paired:
+        out.append(CompressedPrefixGrams())
+    if stack:
+        out.append(StackedGrams(stack, paired=paired))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Method:
     """A resolved method: its canonical name and the three built components."""
@@ -84,9 +105,31 @@ class Method:
     refiner: Refiner
 
     @property
+    def components(self) -> tuple[Any, Any, Any]:
+        return self.allocator, self.factorizer, self.refiner
+
+    def statistics(self) -> list[Statistic]:
+        """The statistics the engine collects for this method: the dense Gram (every record reports
+        each layer's calibration error from it) and the union of what the components declare."""
+        declared: list[Statistic] = [InputGram()]
+        for comp in self.components:
+            declared.extend(_declared_statistics(comp))
+        return union(declared)
+
+    @property
+    def probes(self) -> tuple[str, ...]:
+        """Engine measurements the allocator calls (built only when declared)."""
+        return tuple(getattr(self.allocator, "probes", ()))
+
+    @property
+    def allocation_uses_calibration(self) -> bool:
+        """True when the allocator reads statistics or probes: they must be complete before it runs."""
+        return bool(getattr(self.allocator, "uses_calibration", False))
+
+    @property
     def needs_compressed_inputs(self) -> bool:
-        """True when a component needs activations of the model with earlier blocks compressed."""
-        return bool(self.factorizer.needs_compressed_inputs or self.refiner.needs_compressed_inputs)
+        """True when a declared statistic pairs dense inputs with the compressed model's inputs."""
+        return any(stat.stream == "paired" for stat in self.statistics())
 
     def config(self) -> dict[str, Any]:
         return {

@@ -7,7 +7,6 @@ records with), so "is this cell done?" is one file lookup: ``<results>/<run_key>
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -110,12 +109,7 @@ def plan_cells(spec: SweepSpec, build_references: bool = True) -> list[Cell]:
 
 def cell_status(cell: Cell) -> str:
     """``done`` (a record with status ok), ``failed`` (a failed record) or ``missing``."""
-    try:
-        rec = read_record(cell.path)
-    except (OSError, json.JSONDecodeError) as exc:
-        # Records are written atomically, so this is a hand-edited or foreign file: redo the cell.
-        log.warning("unreadable record %s (%s); treating the cell as missing", cell.path, exc)
-        return MISSING
+    rec = read_record(cell.path, repair=False)  # the run that recomputes the cell moves a bad record aside
     if rec is None:
         return MISSING
     return DONE if rec.get("status") == "ok" else FAILED

@@ -8,20 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.compress import compress_model, restore
 from harness.data import sample_calibration
+from harness.engine.capture import capture_block_inputs
+from harness.engine.compress import compress_model, restore
+from harness.engine.statistics import CalibrationStatistics
 from harness.models import discover, load_model
 from harness.runner import RunConfig, run
-from harness.stats import _Stacker, capture_block_inputs, stream_blocks
 from methods import parse_method
+from methods.stack_of_batch import StackedGrams, batch_permutation
+from methods.statistics import GramProduct
 from tests.utils import CALIB
 
 pytestmark = pytest.mark.integration
 
 
 
-def _paired_error(model, layout, dense, batches, method: str, ratio: float) -> tuple[float, float]:
-    res = compress_model(model, layout, parse_method(method), ratio, dense, torch.device("cpu"), batches)
+def _paired_error(model, layout, source, method: str, ratio: float) -> tuple[float, float]:
+    res = compress_model(model, layout, parse_method(method), ratio, source)
     try:
         errs = [layer["calib_rel_error_compressed"] for layer in res.layers if layer["rank"] is not None]
         return sum(errs), res.achieved_ratio
@@ -29,7 +32,7 @@ def _paired_error(model, layout, dense, batches, method: str, ratio: float) -> t
         restore(model, res)
 
 
-def test_adacomp_compressed_mode_lowers_error_against_dense_outputs(tiny_llama: Path):
+def test_adacomp_compressed_mode_lowers_error_against_dense_outputs(tiny_llama: Path, tmp_path: Path):
     """calib_rel_error_compressed (||W' Xh - W X|| / ||W X||) of adaComp below its tau = 0 start.
 
     svd-llm does not collect paired statistics, so the fair baseline is the same refiner with
@@ -42,9 +45,9 @@ def test_adacomp_compressed_mode_lowers_error_against_dense_outputs(tiny_llama: 
     def batches():
         return capture_block_inputs(model, layout, calib.input_ids, torch.device("cpu"))
 
-    dense = stream_blocks(model, layout, batches(), torch.device("cpu"))
-    base, r0 = _paired_error(model, layout, dense, batches, "svd-llm+adacomp[adacomp.iters=0]", 0.6)
-    refined, r1 = _paired_error(model, layout, dense, batches, "svd-llm+adacomp[adacomp.iters=5]", 0.6)
+    source = CalibrationStatistics.in_directory(model, layout, batches, torch.device("cpu"), tmp_path)
+    base, r0 = _paired_error(model, layout, source, "svd-llm+adacomp[adacomp.iters=0]", 0.6)
+    refined, r1 = _paired_error(model, layout, source, "svd-llm+adacomp[adacomp.iters=5]", 0.6)
     assert r0 == pytest.approx(r1) and refined < base
 
 
@@ -52,15 +55,19 @@ def test_stacker_averages_shuffled_groups_exactly():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 3, 4, generator=g)  # (samples, seq, n)
     xh = x + 0.1 * torch.randn(5, 3, 4, generator=g)
-    st = _Stacker(4, 2, paired=True)
-    for lo, hi in ((0, 3), (3, 5)):  # groups span the two batches; the fifth sample is dropped
-        st.push(x[lo:hi], hat=False)
-        st.push(xh[lo:hi], hat=True)
-    means = [x[0:2].mean(0), x[2:4].mean(0)]
-    means_h = [xh[0:2].mean(0), xh[2:4].mean(0)]
-    assert st.groups == 2
-    torch.testing.assert_close(st.gram, sum(m.T.double() @ m.double() for m in means))
-    torch.testing.assert_close(st.cross, sum(a.T.double() @ b.double() for a, b in zip(means, means_h, strict=True)))
+    st = StackedGrams(2, paired=True).accumulator(4, torch.device("cpu"), GramProduct())
+    perms = []
+    for batch, (lo, hi) in enumerate(((0, 3), (3, 5))):  # groups span the two batches; the fifth sample is dropped
+        st.add(x[lo:hi], None, batch, xh=xh[lo:hi])
+        perms.append(lo + batch_permutation(hi - lo, 0, batch))
+    order = torch.cat(perms)
+    xs, xhs = x[order], xh[order]
+    means = [xs[0:2].mean(0), xs[2:4].mean(0)]
+    means_h = [xhs[0:2].mean(0), xhs[2:4].mean(0)]
+    out = st.result()
+    torch.testing.assert_close(out["gram_stacked"], sum(m.T.double() @ m.double() for m in means))
+    torch.testing.assert_close(out["cross_stacked"],
+                               sum(a.T.double() @ b.double() for a, b in zip(means, means_h, strict=True)))
 
 
 def test_ablation_strings_run_end_to_end(tiny_llama: Path, tmp_path: Path):

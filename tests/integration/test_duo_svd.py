@@ -10,13 +10,15 @@ import torch
 from torch import nn
 
 from harness.data import sample_calibration
+from harness.engine.capture import capture_block_inputs
+from harness.engine.statistics import CalibrationStatistics
 from harness.models import discover, fingerprint, get_module, load_model
+from harness.probes.kl_sensitivity import KLSensitivityProbe
 from harness.runner import RunConfig, run
-from harness.sensitivity import KLSensitivityProbe
-from harness.stats import capture_block_inputs, stream_blocks
 from methods import ModuleInfo
 from methods.column_preserving import ColumnPreservingLowRank
 from methods.knapsack import option_cost
+from methods.statistics import InputGram
 from tests.utils import CALIB
 
 pytestmark = pytest.mark.integration
@@ -29,14 +31,17 @@ def test_kl_probe_replay_restore_and_cache(tiny_llama: Path, tmp_path: Path, mon
     layout = discover(model)
     calib = sample_calibration(tok, CALIB, 6, 48, 0)
     cpu = torch.device("cpu")
-    dense = stream_blocks(model, layout, capture_block_inputs(model, layout, calib.input_ids, cpu), cpu)
+    source = CalibrationStatistics.in_directory(
+        model, layout, lambda: capture_block_inputs(model, layout, calib.input_ids, cpu), cpu, tmp_path / "stats")
+    source.load_all()
     before = {m.name: get_module(model, m.name) for m in layout.modules}
     weights = {n: mod.weight.detach().clone() for n, mod in before.items()}
     info = fingerprint(str(tiny_llama))
     keeps = [0.3, 0.6, 1.0]
 
     def probe(**kw) -> KLSensitivityProbe:
-        return KLSensitivityProbe(model, layout, dense.linear, calib.input_ids, cpu, info, batch_size=2, **kw)
+        return KLSensitivityProbe(model, layout, lambda i: source.load(i, [InputGram()])[0], calib.input_ids, cpu, info,
+                                  batch_size=2, **kw)
 
     fast = probe()
     table = fast(keeps, 4, 0.6)
@@ -57,7 +62,7 @@ def test_kl_probe_replay_restore_and_cache(tiny_llama: Path, tmp_path: Path, mon
     assert fast.last_cost["hit"] is False and fast.last_cost["forwards"] == 4 * (2 + 2 * len(table))
     again = probe()
     assert again(keeps, 4, 0.6) == table and again.last_cost["hit"] is True
-    assert len(list((tmp_path / "sensitivity").glob("*.pt"))) == 1
+    assert len(list((tmp_path / "sensitivity").glob("*.json"))) == 1
 
 
 def test_duo_svd_cell_through_the_runner(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -76,7 +81,7 @@ def test_duo_svd_cell_through_the_runner(tiny_llama: Path, tmp_path: Path, monke
     assert abs(uniform - 0.4) <= 0.02
     assert rec["params_compressed"] == sum(layer["params"] for layer in rec["layers"])
     assert all(layer["calib_rel_error"] < 1.0 for layer in rec["layers"])
-    assert list((tmp_path / "cache" / "sensitivity").glob("*.pt"))
+    assert list((tmp_path / "cache" / "sensitivity").glob("*.json"))
     cost = rec["probes"]["kl_sensitivity"]
     assert cost["measure"] == "kl" and cost["hit"] is False and cost["forwards"] > 0
 

@@ -8,9 +8,12 @@ import json
 import pytest
 import torch
 
+from harness.data import sample_paragraph_calibration
+from harness.engine.capture import capture_block_inputs
+from harness.engine.statistics import CalibrationStatistics
 from harness.models import discover, load_model
 from harness.runner import RunConfig, run
-from harness.stats import capture_block_inputs, stream_blocks
+from methods.statistics import InputGram
 from tests.utils import DATA
 
 pytestmark = pytest.mark.integration
@@ -24,19 +27,24 @@ SENTENCES = [
 ]
 
 
-def _grams(model, tok, pad_to: int) -> dict[str, torch.Tensor]:
+def _statistics(model, layout, enc, root) -> CalibrationStatistics:
+    cpu = torch.device("cpu")
+    return CalibrationStatistics.in_directory(
+        model, layout, lambda: capture_block_inputs(model, layout, enc.input_ids, cpu, batch_size=2,
+                                                    attention_mask=enc.attention_mask), cpu, root)
+
+
+def _grams(model, tok, pad_to: int, root) -> tuple[dict[str, torch.Tensor], int]:
     layout = discover(model)
     enc = tok(SENTENCES, padding="max_length", max_length=pad_to, return_tensors="pt")
-    batches = capture_block_inputs(model, layout, enc.input_ids, torch.device("cpu"), batch_size=2,
-                                   attention_mask=enc.attention_mask)
-    stats = stream_blocks(model, layout, batches, torch.device("cpu"))
-    return {name: s.gram for name, s in stats.linear.items()}, stats.tokens
+    stats = _statistics(model, layout, enc, root).load_all()
+    return {name: s.gram for name, s in stats.items()}, next(iter(stats.values())).tokens
 
 
-def test_padded_positions_contribute_nothing():
+def test_padded_positions_contribute_nothing(tmp_path):
     model, tok = load_model("minilm-l6")
-    short, n_short = _grams(model, tok, 32)
-    long, n_long = _grams(model, tok, 96)  # 64 more padding positions per sentence
+    short, n_short = _grams(model, tok, 32, tmp_path / "short")
+    long, n_long = _grams(model, tok, 96, tmp_path / "long")  # 64 more padding positions per sentence
     real_tokens = int(tok(SENTENCES, padding=True, return_tensors="pt").attention_mask.sum())
     assert n_short == n_long == real_tokens
     assert len(short) == 36
@@ -65,19 +73,24 @@ def test_sensitivity_probe_on_an_encoder_uses_masked_cosine_distance(tmp_path, m
     """Duo-SVD's probe on MiniLM (no next-token logits): per-token 1 - cos of final hidden states
     over real tokens; block replay with the attention mask agrees with full forwards."""
     from harness.models import fingerprint
-    from harness.sensitivity import KLSensitivityProbe
+    from harness.probes.kl_sensitivity import KLSensitivityProbe
 
     monkeypatch.setenv("SVDBENCH_CACHE", str(tmp_path))
     model, tok = load_model("minilm-l6")
     layout = discover(model)
     enc = tok(SENTENCES, padding="max_length", max_length=40, return_tensors="pt")
     cpu = torch.device("cpu")
-    batches = capture_block_inputs(model, layout, enc.input_ids, cpu, batch_size=2, attention_mask=enc.attention_mask)
-    dense = stream_blocks(model, layout, batches, cpu)
+    # Grams from 32 WikiText paragraphs (full rank), so the base state is not exact on the probed sentences.
+    calib = sample_paragraph_calibration(tok, f"file:{DATA / 'wikitext-2-v1' / 'valid.txt'}", 32, 64, 0)
+    source = _statistics(model, layout, calib, tmp_path / "stats")
+    source.load_all()
     info = fingerprint("minilm-l6")
 
+    def load(i):
+        return source.load(i, [InputGram()])[0]
+
     def probe(**kw) -> KLSensitivityProbe:
-        return KLSensitivityProbe(model, layout, dense.linear, enc.input_ids, cpu, info, batch_size=2,
+        return KLSensitivityProbe(model, layout, load, enc.input_ids, cpu, info, batch_size=2,
                                   attention_mask=enc.attention_mask, **kw)
 
     fast = probe(use_cache=False)
@@ -91,7 +104,7 @@ def test_sensitivity_probe_on_an_encoder_uses_masked_cosine_distance(tmp_path, m
     assert 0 < base < 1
     # Padding is excluded: padding to 40 or to 64 positions gives the same table.
     wide = tok(SENTENCES, padding="max_length", max_length=64, return_tensors="pt")
-    other = KLSensitivityProbe(model, layout, dense.linear, wide.input_ids, cpu, info, batch_size=2,
+    other = KLSensitivityProbe(model, layout, load, wide.input_ids, cpu, info, batch_size=2,
                                attention_mask=wide.attention_mask, use_cache=False)([0.2, 1.0], 4, 0.6)
     for name, row in table.items():
         assert row[0.2] == pytest.approx(other[name][0.2], rel=1e-3, abs=1e-7)

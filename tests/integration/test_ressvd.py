@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.compress import compress_model, restore
 from harness.data import sample_calibration
+from harness.engine.capture import capture_block_inputs
+from harness.engine.compress import compress_model, restore
+from harness.engine.statistics import CalibrationStatistics
 from harness.models import discover, load_model
-from harness.stats import capture_block_inputs, stream_blocks
 from methods import LowRankLinear, parse_method
 from tests.utils import DATA, make_tiny_model_dir
 
@@ -26,13 +27,13 @@ def setup(request, tmp_path_factory):
     def batches():
         return capture_block_inputs(model, layout, calib.input_ids, cpu)
 
-    dense = stream_blocks(model, layout, batches(), cpu)
-    return model, layout, dense, batches, cpu
+    source = CalibrationStatistics.in_directory(model, layout, batches, cpu, tmp_path_factory.mktemp("stats"))
+    return model, layout, source
 
 
 def _compress(setup, method: str, ratio: float):
-    model, layout, dense, batches, cpu = setup
-    return compress_model(model, layout, parse_method(method), ratio, dense, cpu, batches)
+    model, layout, source = setup
+    return compress_model(model, layout, parse_method(method), ratio, source)
 
 
 @pytest.mark.parametrize("method", ["ressvd", "svd-llm+last-layers"])

@@ -33,5 +33,5 @@ def test_whitened_tail_energy_equals_svd_llm_layer_error(tmp_path):
         assert k == layer["rank"]
         tail = math.sqrt(sum(s * s for s in entry["whitened"][k:]))
         weight = get_module(session.model, layer["name"]).weight.detach().double()
-        energy = output_energy(weight, session.dense_stats().linear[layer["name"]].gram)
+        energy = output_energy(weight, session.statistics().load_all()[layer["name"]].gram)
         assert layer["calib_rel_error"] == pytest.approx(tail / energy, rel=1e-6)

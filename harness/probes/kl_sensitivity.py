@@ -1,4 +1,4 @@
-"""Engine probe ``kl_sensitivity``: per-module KL deviation tables for Duo-SVD's allocator.
+"""Probe ``kl_sensitivity``: per-module KL deviation tables for Duo-SVD's allocator.
 
 ``probe(candidates, n_sequences, base_keep) -> {module_name: {keep: D}}`` (METHODS.md 6.2):
 
@@ -30,49 +30,35 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from harness.cache import cache_path, save_tensor_dict
+from harness.cache import cache_path, read_checked_json, write_checked_json
+from harness.engine.capture import BlockStandIn, move
 from harness.models import Layout, get_module, set_module
-from methods import LinearStats, LowRankLinear, rank_for
-from methods._linalg import Whitening
+from harness.probes import ProbeContext, register_probe
+from methods import LinearStats, LowRankLinear, ModuleInfo, rank_for
+from methods._linalg import Whitening, top_svd
 
 log = logging.getLogger(__name__)
 
 PROBE_VERSION = 1  # bump when the definition of D changes (invalidates cached tables)
 
 
-def _move(obj: Any, device: torch.device | str) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_move(o, device) for o in obj)
-    return obj
-
-
-class _Replay(nn.Module):
+class _Replay(BlockStandIn):
     """Stands in for a block before the perturbed one: returns the base state's cached output of
-    block ``b - 1`` for the current batch (blocks after it only see that). Attribute reads go to the
-    real block, as some models read per-layer attributes (e.g. ``attention_type``)."""
+    block ``b - 1`` for the current batch (blocks after it only see that)."""
 
     def __init__(self, block: nn.Module, outputs: list[Any], probe: KLSensitivityProbe) -> None:
-        super().__init__()
-        self.block = block
+        super().__init__(block)
         self._outputs, self._probe = outputs, probe
 
-    def __getattr__(self, name: str):  # type: ignore[override]
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
-        return _move(self._outputs[self._probe.batch_index], self._probe.device)
+        return move(self._outputs[self._probe.batch_index], self._probe.device)
 
 
 class KLSensitivityProbe:
@@ -81,10 +67,11 @@ class KLSensitivityProbe:
     Args:
         model: The dense model (restored after every call; may live on the CPU between calls).
         layout: Its layout.
-        stats: Dense statistics per target linear (Grams for the whitened factors).
+        load_block: ``f(block) -> {module name: LinearStats}``: one block's dense statistics (Grams
+            for the whitened factors), read from the store.
         input_ids: ``(N, L)`` calibration windows; the first ``n_sequences`` are used.
         attention_mask: ``(N, L)`` 1 for real tokens (encoder paragraphs are padded), or None.
-        device: Where the forwards run.
+        device: Where the forwards and the factorizations run.
         model_info: The session's model fingerprint (``content_hash``, ``id``, ``revision``).
         batch_size: Sequences per forward.
         skip_prefix: Replay cached block outputs instead of recomputing unperturbed blocks.
@@ -92,11 +79,12 @@ class KLSensitivityProbe:
     """
 
     def __init__(
-        self, model: nn.Module, layout: Layout, stats: dict[str, LinearStats], input_ids: Tensor,
+        self, model: nn.Module, layout: Layout, load_block: Callable[[int], dict[str, LinearStats]], input_ids: Tensor,
         device: torch.device, model_info: dict[str, Any], batch_size: int = 8, skip_prefix: bool = True,
         use_cache: bool = True, attention_mask: Tensor | None = None,
     ) -> None:
-        self.model, self.layout, self.stats, self.input_ids = model, layout, stats, input_ids
+        self.model, self.layout, self.load_block, self.input_ids = model, layout, load_block, input_ids
+        self._loaded: tuple[int, dict[str, LinearStats]] | None = None
         self.attention_mask = attention_mask
         self.measure = "kl"  # set from the model's outputs on the first forward: "kl" or "cosine"
         self.device, self.batch_size, self.skip_prefix, self.use_cache = device, batch_size, skip_prefix, use_cache
@@ -138,14 +126,14 @@ class KLSensitivityProbe:
         if mask is not None:
             fields["attention_mask"] = hashlib.sha256(mask.to(torch.int64).numpy().tobytes()).hexdigest()
         key = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-        path = cache_path("sensitivity", key)
-        if self.use_cache and path.is_file():
-            saved = torch.load(path, weights_only=False)
-            if saved.get("fields") == fields:
-                self.last_cost = {**saved["meta"], "cache": str(path), "hit": True}
-                log.info("kl_sensitivity: cached table %s (%d forwards, %.0f s when computed)",
-                         path, saved["meta"]["forwards"], saved["meta"]["seconds"])
-                return {name: {k: row[k] for k in keeps} for name, row in saved["table"].items()}
+        path = cache_path("sensitivity", key, ".json")
+        saved = read_checked_json(path) if self.use_cache else None
+        if saved is not None and saved.get("fields") == fields:
+            self.last_cost = {**saved["meta"], "cache": str(path), "hit": True}
+            log.info("kl_sensitivity: cached table %s (%d forwards, %.0f s when computed)",
+                     path, saved["meta"]["forwards"], saved["meta"]["seconds"])
+            table = {name: dict(map(tuple, rows)) for name, rows in saved["table"].items()}
+            return {name: {k: row[k] for k in keeps} for name, row in table.items()}
         t0 = time.perf_counter()
         table, forwards = self._measure(ids, mask, keeps, base_keep)
         meta = {"forwards": forwards, "seconds": time.perf_counter() - t0, "tokens_per_forward": ids.shape[1],
@@ -153,7 +141,9 @@ class KLSensitivityProbe:
         self.last_cost = {**meta, "cache": str(path), "hit": False}
         log.info("kl_sensitivity: %d sequence-forwards in %.1f s", forwards, meta["seconds"])
         if self.use_cache:
-            save_tensor_dict(path, {"fields": fields, "table": table, "meta": meta})
+            # JSON object keys are strings: each row is stored as [[keep, D], ...].
+            rows = {name: [[k, d] for k, d in row.items()] for name, row in table.items()}
+            write_checked_json(path, {"fields": fields, "table": rows, "meta": meta})
         return table
 
     # -- measurement ----------------------------------------------------------------------------
@@ -170,11 +160,19 @@ class KLSensitivityProbe:
             plan[mod.name] = groups
         return plan
 
-    def _factors(self, name: str, dense: nn.Linear) -> tuple[Tensor, Tensor, Tensor, Whitening]:
-        """Whitened SVD ``W T = U S V^T`` of one target linear (float64, CPU)."""
-        weight = dense.weight.detach().to("cpu", torch.float64)
-        white = self.stats[name].whitening()
-        u, s, vh = torch.linalg.svd(weight @ white.factor, full_matrices=False)
+    def _stats(self, block: int) -> dict[str, LinearStats]:
+        """One block's statistics; only the last block asked for stays in memory."""
+        if self._loaded is None or self._loaded[0] != block:
+            self._loaded = None  # free the previous block before reading the next
+            self._loaded = (block, self.load_block(block))
+        return self._loaded[1]
+
+    def _factors(self, mod: ModuleInfo, dense: nn.Linear, k: int) -> tuple[Tensor, Tensor, Tensor, Whitening]:
+        """Top-``k`` whitened singular triplets ``W T ~ U_k S_k V_k^T`` of one target linear
+        (float64, on the probe's device; enough for every rank up to ``k``)."""
+        weight = dense.weight.detach().to(self.device, torch.float64)
+        white = self._stats(mod.block)[mod.name].whitening()
+        u, s, vh = top_svd(weight @ white.factor, k)
         return u, s, vh, white
 
     def _module(self, svd: tuple[Tensor, Tensor, Tensor, Whitening], rank: int, dense: nn.Linear) -> nn.Module:
@@ -232,7 +230,7 @@ class KLSensitivityProbe:
         if record is not None:
             for i, block in enumerate(blocks[:-1]):  # the last block's output is never replayed
                 handles.append(block.register_forward_hook(
-                    lambda _m, _a, out, i=i: record[i].append(_move(out, "cpu"))))
+                    lambda _m, _a, out, i=i: record[i].append(move(out, "cpu"))))
         total, count, dense_outputs = 0.0, 0, []
         try:
             for j, lo in enumerate(range(0, ids.shape[0], self.batch_size)):
@@ -272,7 +270,7 @@ class KLSensitivityProbe:
                 for mod in self.layout.modules:
                     dense = get_module(self.model, mod.name)
                     k = rank_for(mod.out_features, mod.in_features, base_keep)
-                    base_mods[mod.name] = dense if k is None else self._module(self._factors(mod.name, dense), k, dense)
+                    base_mods[mod.name] = dense if k is None else self._module(self._factors(mod, dense, k), k, dense)
                 for name, new in base_mods.items():
                     originals[name] = set_module(self.model, name, new)
                 outs: list[list[Any]] | None = [[] for _ in self.layout.blocks] if self.skip_prefix else None
@@ -283,7 +281,8 @@ class KLSensitivityProbe:
                     if not groups:
                         continue
                     dense = originals[mod.name]
-                    svd = self._factors(mod.name, dense)  # type: ignore[arg-type]
+                    top = max(r for r in groups if r is not None) if any(r is not None for r in groups) else 1
+                    svd = self._factors(mod, dense, top)  # type: ignore[arg-type]
                     for rank, ps in groups.items():
                         new = dense if rank is None else self._module(svd, rank, dense)  # type: ignore[arg-type]
                         set_module(self.model, mod.name, new)
@@ -297,3 +296,10 @@ class KLSensitivityProbe:
                 set_module(self.model, name, old)
             self.model.to(home)
         return table, forwards
+
+
+@register_probe("kl_sensitivity")
+def build(ctx: ProbeContext) -> KLSensitivityProbe:
+    """The probe for one session (building it runs nothing)."""
+    return KLSensitivityProbe(ctx.model, ctx.layout, ctx.load_block, ctx.input_ids, ctx.device, ctx.model_info,
+                              attention_mask=ctx.attention_mask)
