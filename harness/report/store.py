@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+_PARTIAL_RE = re.compile(r":first\d+$")
 
 # Identity columns, in the order they appear in the frame (metric columns follow).
 _BASE_COLUMNS = [
@@ -81,6 +83,7 @@ _BASE_COLUMNS = [
     "seed",
     "limit",
     "limited",
+    "partial_windows",
     "git_sha",
     "git_dirty",
     "svdbench_version",
@@ -241,6 +244,11 @@ def _row(rec: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     # A record is "limited" if the run or any evaluation inside it used lm-eval --limit.
     row["limited"] = row["limit"] is not None or any(
         k.endswith(".limit") and v is not None for k, v in metrics.items()
+    )
+    # --eval-max-windows N scores only the first N windows; the protocol id then ends in ":firstN".
+    row["partial_windows"] = any(
+        k.endswith(".protocol") and isinstance(v, str) and _PARTIAL_RE.search(v) is not None
+        for k, v in metrics.items()
     )
     return row
 
