@@ -79,7 +79,7 @@ class LeaderboardTable:
         rows: One row per cell: ``ratio``, ``method``, ``label``, ``is_dense``, ``n_seeds``,
             ``seeds``, ``limited``, ``partial_windows``, ``achieved_ratio``, ``status`` (``ok``,
             or ``failed``/``stale`` when no record of the cell is usable), ``note``, ``members``
-            (one dict per record: run_key, source_file, seed, status, stale) and one column per
+            (one dict per record: run_key, source_file, seed, status, stale, copy) and one column per
             metric key holding the mean over seeds (NaN when not measured or not ok).
         spread: Same index as ``rows``, one column per metric key: the sample standard deviation
             over seeds, NaN with fewer than two seeds.
@@ -179,6 +179,11 @@ def _last_error_line(error: Any) -> str:
 def _cell_row(model: str, cell: pd.DataFrame, keys: list[str]) -> tuple[dict[str, Any], dict[str, Estimate]]:
     """Aggregate one cell's records (all seeds) into a table row and its per-metric estimates."""
     usable = cell[cell["_usable"]]
+    # The same record copied into two result folders (same run key, same numbers) is one record.
+    copies = usable.duplicated(subset=["run_key", "_seed", *keys], keep="first")
+    if copies.any():
+        logger.info("%s %s: %d identical copies of records counted once", model, cell["label"].iloc[0], int(copies.sum()))
+        usable = usable[~copies]
     # Re-runs of one seed (e.g. another harness version) are averaged first: they are not extra seeds.
     per_seed = usable.groupby("_seed", sort=True)[keys].mean() if keys else pd.DataFrame()
     if len(usable) > len(per_seed):
@@ -196,6 +201,8 @@ def _cell_row(model: str, cell: pd.DataFrame, keys: list[str]) -> tuple[dict[str
         notes.append(f"{len(failed)} failed run(s) (seed {seeds}): {_last_error_line(failed['error'].iloc[0])}")
     if len(stale):
         notes.append(f"{len(stale)} stale record(s) left out: {stale['_stale'].iloc[0]}")
+    ordered = cell.sort_values(["_seed", "run_key", "source_file"])
+    is_copy = ordered.duplicated(subset=["run_key", "_seed", "status", *keys], keep="first")
     members = [
         {
             "run_key": r["run_key"],
@@ -203,8 +210,9 @@ def _cell_row(model: str, cell: pd.DataFrame, keys: list[str]) -> tuple[dict[str
             "seed": r["_seed"],
             "status": "stale" if r["status"] == "ok" and pd.notna(r["_stale"]) else r["status"],
             "stale": r["_stale"] if pd.notna(r["_stale"]) else None,
+            "copy": bool(copy),
         }
-        for _, r in cell.sort_values(["_seed", "run_key"]).iterrows()
+        for (_, r), copy in zip(ordered.iterrows(), is_copy, strict=True)
     ]
     first = cell.iloc[0]
     row = {

@@ -38,6 +38,7 @@ __all__ = [
     "metric_columns",
     "read_records",
     "value_text",
+    "flatten_metrics",
     "canonical_config",
     "records_to_frame",
     "load_store",
@@ -164,6 +165,13 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     # Lists (e.g. per-window losses) have no single cell value; leave them in the record.
 
 
+def flatten_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A record's ``metrics`` as the store flattens them: dotted key -> scalar (lm-eval ``raw`` and lists left out)."""
+    out: dict[str, Any] = {}
+    _flatten("", metrics or {}, out)
+    return out
+
+
 def value_text(value: object) -> str:
     """Stable text of a frame cell for identity keys: missing -> "", integral floats without ".0".
 
@@ -238,8 +246,7 @@ def _row(rec: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     }
     for name, secs in (rec.get("timings_s") or {}).items():
         row[f"time_{name}_s"] = secs
-    metrics: dict[str, Any] = {}
-    _flatten("", rec.get("metrics") or {}, metrics)
+    metrics = flatten_metrics(rec.get("metrics"))
     row.update(metrics)
     # A record is "limited" if the run or any evaluation inside it used lm-eval --limit.
     row["limited"] = row["limit"] is not None or any(
