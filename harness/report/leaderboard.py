@@ -176,6 +176,22 @@ def _last_error_line(error: Any) -> str:
     return lines[-1] if lines else "no error text"
 
 
+def _adopt_orphans(frame: pd.DataFrame, identity: pd.Series) -> pd.Series:
+    """Give failed records written without config or calibration the identity of their method's cell.
+
+    A sweep that fails before the engine starts (model load, a dead worker) records the cell with
+    ``config``/``calibration`` None. When the method has exactly one identity among the other
+    records, that is the cell the failure belongs to; otherwise it stays a row of its own.
+    """
+    identity = identity.copy()
+    orphan = (frame["status"] == "failed") & frame["method_config"].isin(["{}", "null"]) & (frame["method"] != "dense")
+    for idx in frame.index[orphan]:
+        others = identity[(frame["method"] == frame.at[idx, "method"]) & ~orphan].unique()
+        if len(others) == 1:
+            identity[idx] = others[0]
+    return identity
+
+
 def _cell_row(model: str, cell: pd.DataFrame, keys: list[str]) -> tuple[dict[str, Any], dict[str, Estimate]]:
     """Aggregate one cell's records (all seeds) into a table row and its per-metric estimates."""
     usable = cell[cell["_usable"]]
@@ -185,7 +201,8 @@ def _cell_row(model: str, cell: pd.DataFrame, keys: list[str]) -> tuple[dict[str
         logger.info("%s %s: %d identical copies of records counted once", model, cell["label"].iloc[0], int(copies.sum()))
         usable = usable[~copies]
     # Re-runs of one seed (e.g. another harness version) are averaged first: they are not extra seeds.
-    per_seed = usable.groupby("_seed", sort=True)[keys].mean() if keys else pd.DataFrame()
+    seeds = sorted(usable["_seed"].unique())
+    per_seed = usable.groupby("_seed", sort=True)[keys].mean() if keys else pd.DataFrame(index=seeds)
     if len(usable) > len(per_seed):
         logger.warning(
             "%s %s: %d records for %d seed(s); re-runs of one seed are averaged, not counted as seeds",
@@ -251,15 +268,18 @@ def _build_one(
     if not include_unusable:
         frame = frame[frame["_usable"]]
     usable = frame[frame["_usable"]]
-    if usable.empty and frame.empty:
+    if frame.empty:
         raise ValueError(f"{model}: no usable records (all failed or stale)")
-    specs = _resolve_metrics(usable if not usable.empty else frame, metrics)
+    if usable.empty:  # only failed/stale cells to show: no column has a value
+        specs = [resolve_metric(m, frame.columns) for m in metrics or []]
+    else:
+        specs = _resolve_metrics(usable, metrics)
     keys = [s.key for s in specs]
     for k in keys:
         # Coerce: a column that is None in every record arrives as object dtype and cannot be averaged.
         frame[k] = pd.to_numeric(frame[k], errors="coerce") if k in frame.columns else math.nan
     protocols = _protocols(model, frame[frame["_usable"]], specs)
-    frame["_identity"] = cell_identity(frame)
+    frame["_identity"] = _adopt_orphans(frame, cell_identity(frame))
     frame["_ratio"] = frame["ratio"].round(6)
     frame["_seed"] = frame["seed"].map(value_text)
     frame["label"] = cell_labels(frame)

@@ -74,3 +74,17 @@ def test_first_n_window_records_are_marked() -> None:
     assert frame["partial_windows"].all() and smoke_mask(frame).all() and not frame["limited"].any()
     text = render_leaderboard(frame, "md", metrics=["wikitext2"])
     assert md_rows(text)[1][1] == f"SVD{PARTIAL_MARK}" and "first N windows" in text
+
+
+def test_a_sweep_failure_without_config_joins_its_cell() -> None:
+    """The sweep records failures before the engine ran with config and calibration None."""
+    orphan = make_record("svd-llm", 0.2, 1, status="failed", error="worker died", calibration=None)
+    orphan["method"]["config"] = None
+    orphan["metrics"] = {}
+    recs = [make_record("dense", 0.0), make_record("svd-llm", 0.2, 0), orphan]
+    (table,) = build_leaderboard(records_to_frame(recs, include_failed=True), metrics=["wikitext2"], include_unusable=True)
+    assert list(table.rows["label"]) == ["Original", "SVD-LLM"]  # one row, no "cfg ..." labels
+    assert table.rows.at[1, "n_seeds"] == 1 and "seed 1): worker died" in table.rows.at[1, "note"]
+    only_failed = [make_record("dense", 0.0), orphan]
+    (table,) = build_leaderboard(records_to_frame(only_failed, include_failed=True), include_unusable=True)
+    assert table.rows.at[1, "status"] == "failed" and table.rows.at[1, "n_seeds"] == 0
