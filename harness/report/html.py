@@ -7,11 +7,12 @@ view time (the stylesheet and script are written beside the pages; no CDN)::
                               filters (model, protocol, ratio), sorting by any column; optional
                               regression verdicts against a baseline (``--compare BASELINE``)
     DIR/records/<key>.html    one page per record: method config, calibration, per-layer ranks,
-                              keeps and errors, provenance, metrics (and <key>.json, the record)
+                              keeps and errors, provenance, metrics, and the record's JSON
     DIR/figures/*.png|pdf     made by :func:`harness.report.plots.plot`
     DIR/assets/               svdbench.css, svdbench.js (:mod:`harness.report.html_assets`)
 
-The tables come from :func:`harness.report.leaderboard.build_leaderboard`, the same builder as the
+The site holds no ``.json`` file, so it may live inside a results directory without its pages
+being read back as records. The tables come from :func:`harness.report.leaderboard.build_leaderboard`, the same builder as the
 Markdown table, so grouping, order, mean ± spread, bold and tie marks agree. Cells whose records
 all failed or are stale show that status instead of numbers; smoke records (lm-eval ``--limit``,
 first-N-window perplexities) are left out unless ``allow_limited`` (then marked † / §).
@@ -19,7 +20,6 @@ first-N-window perplexities) are left out unless ``allow_limited`` (then marked 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -217,14 +217,11 @@ def write_site(
                 statuses[source] = str(m["status"])
                 rec = {k: v for k, v in by_source[source].items() if k != "_source_file"}
                 path = root / pages[source]
-                json_name = path.with_suffix(".json").name
-                path.with_suffix(".json").write_text(json.dumps(rec, indent=1, sort_keys=True), encoding="utf-8")
                 html_text = detail_page(
                     rec,
                     status=str(m["status"]),
                     stale_reason=m.get("stale"),
                     smoke=_smoke_notes(frame_by_source.get(source, {})),
-                    json_name=json_name,
                     source=os.path.relpath(source, results_root),
                 )
                 path.write_text(html_text, encoding="utf-8")

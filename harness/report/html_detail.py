@@ -1,12 +1,12 @@
 """One record's detail page: method config, calibration, per-layer ranks/keeps/errors, provenance, metrics.
 
-The page shows the record as stored, not a summary of it; the record itself is linked as JSON next
-to the page. A failed record shows its traceback and a stale one why it is stale, and neither
+The page shows the record as stored, not a summary of it, and ends with the record's JSON. A failed record shows its traceback and a stale one why it is stale, and neither
 shows a metric as if it were a result.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,7 +62,6 @@ def detail_page(
     status: str,
     stale_reason: str | None = None,
     smoke: Sequence[str] = (),
-    json_name: str,
     source: str = "",
 ) -> str:
     """The detail page of one record (a file one folder below the site root).
@@ -72,7 +71,6 @@ def detail_page(
         status: ``ok``, ``failed`` or ``stale``.
         stale_reason: Why the record is stale (:mod:`harness.report.staleness`), if it is.
         smoke: Smoke-run notes (``--limit``, first-N windows), empty for full evaluations.
-        json_name: File name of the record's JSON copy beside the page.
         source: The record's path relative to the results directory (shown, not linked).
 
     Returns:
@@ -91,7 +89,7 @@ def detail_page(
     badges += [f'<span class="status smoke">{esc(s)}</span>' for s in smoke]
     parts = [
         "<header>",
-        f'<p><a href="../index.html">← leaderboard</a> · <a href="{esc(json_name)}">record JSON</a></p>',
+        '<p><a href="../index.html">← leaderboard</a> · <a href="#record-json">the record as stored</a></p>',
         f"<h1>{esc(title)}</h1>",
         f'<p>{" ".join(badges)} <span class="muted">method <code>{esc(name)}</code>, seed {esc(seed)}, '
         f"run key <code>{esc(record.get('run_key'))}</code></span></p>",
@@ -148,5 +146,13 @@ def detail_page(
         parts += ["<h3>Numerics</h3>", json_block(record["numerics"])]
     if record.get("probes"):
         parts += ["<h3>Probes</h3>", json_block(record["probes"])]
+    # The record itself, for forensics. Embedded rather than written as a .json file beside the page:
+    # a site written inside a results directory must not add files the record reader would load.
+    parts += [
+        '<h2 id="record-json">The record as stored</h2>',
+        "<details><summary>JSON</summary>",
+        f'<pre class="record">{esc(json.dumps(record, indent=1, sort_keys=True, default=str))}</pre>',
+        "</details>",
+    ]
     parts += ["</main>", '<footer><p class="muted">svdbench record page</p></footer>']
     return page(title, "\n".join(parts), depth=1)
