@@ -3,10 +3,13 @@
 Modules:
     store: load records into a flat DataFrame (:func:`load_store`, :func:`records_to_frame`).
     metrics: the metric registry (labels, directions, formats; did-you-mean errors).
+    spread: seed replicates as mean ± sample standard deviation, and the best/tie rule.
+    staleness: which records no longer describe what their label says (config drift, other weights).
     leaderboard: paper-style tables (:func:`render_leaderboard`; md, LaTeX, CSV).
-    plots / style: paper figures (:func:`plot`) with one fixed style per method.
+    html (+ html_*): the static HTML site (:func:`write_site`): table, filters, figures, record pages.
+    plots / style: paper figures (:func:`plot`) with one fixed style per method, error bars from the spread.
     compare: regression verdicts (:func:`compare`) and scenario checks (:func:`check_scenario`).
-    cli: ``leaderboard`` / ``plot`` / ``compare`` subcommands for the engine's CLI.
+    cli: ``leaderboard`` (md, latex, csv, html) / ``plot`` / ``compare`` subcommands for the engine's CLI.
 
 The names below are imported lazily so that ``import harness.report`` does not pull in matplotlib.
 """
@@ -27,6 +30,8 @@ _LAZY = {
     "check_scenario": "compare",
     "CompareResult": "compare",
     "add_report_subcommands": "cli",
+    "write_site": "html",
+    "stale_reasons": "staleness",
 }
 
 __all__ = sorted(_LAZY)

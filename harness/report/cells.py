@@ -1,7 +1,14 @@
 """What a "cell" is, shared by every report: identity, labels, method order, model and --limit checks.
 
 A cell is one (model, method + config, ratio, calibration, limit) point of a sweep; seeds of the
-same cell are averaged in tables and figures and matched one by one in :mod:`compare`.
+same cell are replicates, summarised as mean and spread (:mod:`harness.report.spread`) in tables
+and figures and matched one by one in :mod:`compare`.
+
+Smoke records are of two kinds: lm-eval ``--limit`` runs (``limited``; leaderboards refuse them
+unless allowed, marked †) and perplexities scored on the first N windows only
+(``--eval-max-windows``, protocol id ``...:firstN``; ``partial_windows``, marked §). Text tables
+mark the second kind (their protocol already keeps them out of full-protocol columns); the HTML
+site leaves out both unless asked.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ __all__ = [
     "LimitedRecordsError",
     "METHOD_ORDER",
     "LIMITED_MARK",
+    "PARTIAL_MARK",
+    "smoke_mask",
     "method_sort_key",
     "method_display_name",
     "select_model",
@@ -40,6 +49,7 @@ _DISPLAY = {
     "duo-svd": "Duo-SVD",
 }
 LIMITED_MARK = "†"
+PARTIAL_MARK = "§"
 
 
 class LimitedRecordsError(ValueError):
@@ -104,6 +114,15 @@ def check_limited(frame: pd.DataFrame, allow_limited: bool, what: str = "a leade
     )
 
 
+def smoke_mask(frame: pd.DataFrame) -> pd.Series:
+    """Rows that are smoke runs: lm-eval ``--limit`` or first-N-window perplexities."""
+    out = pd.Series(False, index=frame.index)
+    for col in ("limited", "partial_windows"):
+        if col in frame:
+            out |= frame[col].fillna(False).astype(bool)
+    return out
+
+
 def protocol_columns(key: str) -> list[str]:
     """Frame columns that must agree for values of metric ``key`` to be comparable."""
     group = key.split(".", 1)[0]
@@ -116,7 +135,7 @@ def protocol_columns(key: str) -> list[str]:
 
 
 def cell_identity(frame: pd.DataFrame) -> pd.Series:
-    """Cell identity without ratio and seed (method, config, calibration, limit); seeds get averaged."""
+    """Cell identity without ratio and seed (method, config, calibration, limit); seeds are replicates."""
     parts = ["method", "method_config", "calib_source", "calib_samples", "calib_seqlen", "limit"]
     keys = ["|".join(_text(v) for v in row) for row in frame[parts].itertuples(index=False)]
     return pd.Series(keys, index=frame.index, dtype=object)

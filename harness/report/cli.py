@@ -1,5 +1,7 @@
 """Report subcommands (``leaderboard``, ``plot``, ``compare``) for the engine's argparse CLI.
 
+``leaderboard --format html --out DIR`` writes the static site (:mod:`harness.report.html`).
+
 The engine owns the entry point; it calls :func:`add_report_subcommands` on its subparsers and
 then ``return args.func(args)``. Each ``func`` returns the process exit code. Results go to
 stdout (or ``--output``); diagnostics go to the logging system (stderr).
@@ -22,6 +24,11 @@ logger = logging.getLogger(__name__)
 EXIT_OK, EXIT_REGRESSION, EXIT_USAGE = 0, 1, 2
 
 
+def _quiet_font_subsetting() -> None:
+    # Every PDF figure makes fontTools log its glyph subsetting at INFO; the CLI runs at INFO.
+    logging.getLogger("fontTools").setLevel(logging.WARNING)
+
+
 def _emit(text: str, output: str | None) -> None:
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
@@ -31,11 +38,43 @@ def _emit(text: str, output: str | None) -> None:
         sys.stdout.write(text)
 
 
+def _html_site(args: argparse.Namespace) -> int:
+    """``leaderboard RESULTS --format html --out DIR``: write the static site, print its index path."""
+    from harness.report.html import write_site
+    from harness.report.store import StoreError
+
+    if not args.out:
+        logger.error("--format html writes a site (a directory): give it with --out DIR")
+        return EXIT_USAGE
+    _quiet_font_subsetting()
+    try:
+        index = write_site(
+            args.results,
+            args.out,
+            metrics=args.metrics,
+            model=args.model,
+            allow_limited=args.allow_limited,
+            baseline=args.compare,
+            rtol=args.rtol,
+            figures=not args.no_figures,
+        )
+    except (StoreError, ValueError, KeyError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    sys.stdout.write(f"{index}\n")
+    return EXIT_OK
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    """``leaderboard RESULTS --format md|latex|csv``: render the paper-style table."""
+    """``leaderboard RESULTS --format md|latex|csv|html``: render the paper-style table (html: a site)."""
     from harness.report.leaderboard import render_leaderboard
     from harness.report.store import load_store
 
+    if args.format == "html":
+        return _html_site(args)
+    if args.compare or args.out:
+        logger.error("--out and --compare belong to --format html; text formats use --output FILE")
+        return EXIT_USAGE
     try:
         text = render_leaderboard(
             load_store(args.results),
@@ -57,6 +96,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from harness.report.store import load_store
 
     written: list[Path] = []
+    _quiet_font_subsetting()
     try:
         frame = None
         for kind in args.kind:
@@ -121,7 +161,9 @@ def add_report_subcommands(subparsers: argparse._SubParsersAction) -> None:  # t
 
     p = subparsers.add_parser("leaderboard", help="paper-style table from a results directory")
     p.add_argument("results", help="results directory (searched recursively) or one record file")
-    p.add_argument("--format", choices=("md", "latex", "csv"), default="md")
+    p.add_argument(
+        "--format", choices=("md", "latex", "csv", "html"), default="md", help="html: a static site, see --out"
+    )
     p.add_argument(
         "--metrics",
         nargs="+",
@@ -133,6 +175,10 @@ def add_report_subcommands(subparsers: argparse._SubParsersAction) -> None:  # t
     )
     p.add_argument("--model", help="only this model (name or id); default: one table per model")
     p.add_argument("--output", help="write to this file instead of stdout")
+    p.add_argument("--out", metavar="DIR", help="html: the site directory (index.html, records/, figures/)")
+    p.add_argument("--compare", metavar="BASELINE", help="html: also show regression verdicts against BASELINE")
+    p.add_argument("--rtol", type=float, default=0.02, help="html --compare: relative tolerance (default 0.02)")
+    p.add_argument("--no-figures", action="store_true", help="html: leave the figures out (faster)")
     p.set_defaults(func=cmd_leaderboard)
 
     p = subparsers.add_parser("plot", help="paper figures (PDF + 300 dpi PNG) from a results directory")

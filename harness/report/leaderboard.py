@@ -1,10 +1,15 @@
 """Paper-style leaderboards (Markdown, LaTeX, CSV) from the store frame.
 
-Layout follows the SVD-compression papers (style notes C1): ``Ratio | Method | perplexities |
+Layout follows the SVD-compression papers (style notes C1): ``Ratio | Method | n | perplexities |
 zero-shot tasks | Average``, rows grouped by ratio with the dense model first, a fixed method
-order inside each group, and the best value of each group and column in bold (direction from
-the metric registry, dense row excluded). Records evaluated with lm-eval ``--limit`` are refused
-unless explicitly allowed, because their numbers are not comparable with full evaluations.
+order inside each group. Each value is the mean over seeds ± the sample standard deviation, and
+the best of each group and column is bold, with every entry within the seed spread of the best
+marked as a tie (rules in :mod:`harness.report.spread`; dense row excluded). Records evaluated
+with lm-eval ``--limit`` are refused unless explicitly allowed, because their numbers are not
+comparable with full evaluations; stale records (:mod:`harness.report.staleness`) never count.
+
+:func:`build_leaderboard` is the one table builder: the text formats here and the HTML site
+(:mod:`harness.report.html`) render the same :class:`LeaderboardTable`.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 from tabulate import tabulate
 
 from harness.report.cells import (
     LIMITED_MARK,
+    PARTIAL_MARK,
     LimitedRecordsError,
     cell_identity,
     cell_labels,
@@ -30,6 +37,19 @@ from harness.report.cells import (
     select_model,
 )
 from harness.report.metrics import MetricSpec, metric_columns, resolve_metric
+from harness.report.spread import (
+    SINGLE_SEED_NOTE,
+    SPREAD_DEFINITION,
+    TIE_DEFINITION,
+    TIE_MARK,
+    Estimate,
+    best_and_ties,
+    estimate,
+    format_estimate,
+    is_tie,
+)
+from harness.report.staleness import stale_reasons
+from harness.report.store import value_text
 
 __all__ = [
     "LimitedRecordsError",
@@ -56,19 +76,68 @@ class LeaderboardTable:
     Attributes:
         model: Model name.
         metrics: Column specs, in order.
-        rows: One row per cell (seeds averaged): ``ratio``, ``method``, ``label``, ``is_dense``,
-            ``n_seeds``, ``limited``, ``achieved_ratio`` and one column per metric key (raw values).
-        bold: Same index as ``rows``, one boolean column per metric key.
+        rows: One row per cell: ``ratio``, ``method``, ``label``, ``is_dense``, ``n_seeds``,
+            ``seeds``, ``limited``, ``partial_windows``, ``achieved_ratio``, ``status`` (``ok``,
+            or ``failed``/``stale`` when no record of the cell is usable), ``note``, ``members``
+            (one dict per record: run_key, source_file, seed, status, stale, copy) and one column per
+            metric key holding the mean over seeds (NaN when not measured or not ok).
+        spread: Same index as ``rows``, one column per metric key: the sample standard deviation
+            over seeds, NaN with fewer than two seeds.
+        counts: Same shape: the number of seeds with a value.
+        marks: Same shape: ``"best"``, ``"best tie"``, ``"tie"`` or ``""``
+            (:func:`harness.report.spread.best_and_ties`).
         protocols: Metric key -> the protocol strings behind that column.
-        caption: Human caption (ratio definition, model, bolding rule, protocols).
+        caption: Human caption (ratio definition, model, spread, bold and tie rules, protocols).
     """
 
     model: str
     metrics: list[MetricSpec]
     rows: pd.DataFrame
-    bold: pd.DataFrame
+    spread: pd.DataFrame
+    counts: pd.DataFrame
+    marks: pd.DataFrame
     protocols: dict[str, list[str]] = field(default_factory=dict)
     caption: str = ""
+
+    @property
+    def bold(self) -> pd.DataFrame:
+        """Boolean frame: entries shown bold (the best and its ties)."""
+        return self.marks != ""
+
+    def estimate(self, i: int, key: str) -> Estimate:
+        """The :class:`Estimate` behind row ``i``, column ``key``."""
+        spread = self.spread.at[i, key]
+        return Estimate(
+            float(self.rows.at[i, key]), None if pd.isna(spread) else float(spread), int(self.counts.at[i, key])
+        )
+
+    def cell_text(self, i: int, key: str, missing: str = "–") -> str:
+        """What every format prints for row ``i``, column ``key`` (without bold or tie markup).
+
+        ``mean ± s`` with two or more seeds, the value alone with one, the row's status
+        (``failed``/``stale``) instead of any number when no record of the cell is usable, and
+        ``(n=k)`` when this column has fewer seeds than the row.
+        """
+        status = self.rows.at[i, "status"]
+        if status != "ok":
+            return str(status)
+        spec = next(s for s in self.metrics if s.key == key)
+        est = self.estimate(i, key)
+        text = format_estimate(spec, est, missing)
+        if 0 < est.n < int(self.rows.at[i, "n_seeds"]):
+            text += f" (n={est.n})"
+        return text
+
+    def label_text(self, i: int) -> str:
+        """The method label with its smoke marks (``†`` --limit, ``§`` first-N windows)."""
+        r = self.rows.loc[i]
+        return r["label"] + (LIMITED_MARK if r["limited"] else "") + (PARTIAL_MARK if r["partial_windows"] else "")
+
+    def group_keys(self) -> list[str]:
+        """Row-group key per row: the dense row is its own group, others group by ratio."""
+        return [
+            "dense" if d else repr(r) for d, r in zip(self.rows["is_dense"], self.rows["ratio"], strict=True)
+        ]
 
 
 def _resolve_metrics(frame: pd.DataFrame, metrics: Sequence[str] | None) -> list[MetricSpec]:
@@ -84,15 +153,10 @@ def _resolve_metrics(frame: pd.DataFrame, metrics: Sequence[str] | None) -> list
     return [resolve_metric(k, frame.columns) for k in keys]
 
 
-def _build_one(model: str, frame: pd.DataFrame, metrics: Sequence[str] | None) -> LeaderboardTable:
-    specs = _resolve_metrics(frame, metrics)
-    frame = frame.copy()
-    for s in specs:
-        # Coerce: a column that is None in every record arrives as object dtype and cannot be averaged.
-        frame[s.key] = pd.to_numeric(frame[s.key], errors="coerce") if s.key in frame.columns else math.nan
+def _protocols(model: str, usable: pd.DataFrame, specs: Sequence[MetricSpec]) -> dict[str, list[str]]:
     protocols: dict[str, list[str]] = {}
     for s in specs:
-        present = frame[frame[s.key].notna()]
+        present = usable[usable[s.key].notna()]
         for col in protocol_columns(s.key):
             if col not in present.columns:
                 continue
@@ -104,56 +168,158 @@ def _build_one(model: str, frame: pd.DataFrame, metrics: Sequence[str] | None) -
                 )
             if values and col.endswith(".protocol"):
                 protocols[s.key] = values
-    frame["_identity"] = cell_identity(frame)
-    frame["_ratio"] = frame["ratio"].round(6)
-    frame["label"] = cell_labels(frame)
+    return protocols
+
+
+def _last_error_line(error: Any) -> str:
+    lines = str(error or "").strip().splitlines()
+    return lines[-1] if lines else "no error text"
+
+
+def _adopt_orphans(frame: pd.DataFrame, identity: pd.Series) -> pd.Series:
+    """Give failed records written without config or calibration the identity of their method's cell.
+
+    A sweep that fails before the engine starts (model load, a dead worker) records the cell with
+    ``config``/``calibration`` None. When the method has exactly one identity among the other
+    records, that is the cell the failure belongs to; otherwise it stays a row of its own.
+    """
+    identity = identity.copy()
+    orphan = (frame["status"] == "failed") & frame["method_config"].isin(["{}", "null"]) & (frame["method"] != "dense")
+    for idx in frame.index[orphan]:
+        others = identity[(frame["method"] == frame.at[idx, "method"]) & ~orphan].unique()
+        if len(others) == 1:
+            identity[idx] = others[0]
+    return identity
+
+
+def _cell_row(model: str, cell: pd.DataFrame, keys: list[str]) -> tuple[dict[str, Any], dict[str, Estimate]]:
+    """Aggregate one cell's records (all seeds) into a table row and its per-metric estimates."""
+    usable = cell[cell["_usable"]]
+    # The same record copied into two result folders (same run key, same numbers) is one record.
+    copies = usable.duplicated(subset=["run_key", "_seed", *keys], keep="first")
+    if copies.any():
+        logger.info("%s %s: %d identical copies of records counted once", model, cell["label"].iloc[0], int(copies.sum()))
+        usable = usable[~copies]
+    # Re-runs of one seed (e.g. another harness version) are averaged first: they are not extra seeds.
+    seeds = sorted(usable["_seed"].unique())
+    per_seed = usable.groupby("_seed", sort=True)[keys].mean() if keys else pd.DataFrame(index=seeds)
+    if len(usable) > len(per_seed):
+        logger.warning(
+            "%s %s: %d records for %d seed(s); re-runs of one seed are averaged, not counted as seeds",
+            model, cell["label"].iloc[0], len(usable), len(per_seed),
+        )
+    estimates = {k: estimate(per_seed[k].tolist()) for k in keys}
+    failed = cell[cell["status"] == "failed"]
+    stale = cell[(cell["status"] == "ok") & cell["_stale"].notna()]
+    status = "ok" if len(usable) else ("failed" if len(failed) else "stale")
+    notes = []
+    if len(failed):
+        seeds = ", ".join(sorted({value_text(s) for s in failed["_seed"]}))
+        notes.append(f"{len(failed)} failed run(s) (seed {seeds}): {_last_error_line(failed['error'].iloc[0])}")
+    if len(stale):
+        notes.append(f"{len(stale)} stale record(s) left out: {stale['_stale'].iloc[0]}")
+    ordered = cell.sort_values(["_seed", "run_key", "source_file"])
+    is_copy = ordered.duplicated(subset=["run_key", "_seed", "status", *keys], keep="first")
+    members = [
+        {
+            "run_key": r["run_key"],
+            "source_file": r["source_file"],
+            "seed": r["_seed"],
+            "status": "stale" if r["status"] == "ok" and pd.notna(r["_stale"]) else r["status"],
+            "stale": r["_stale"] if pd.notna(r["_stale"]) else None,
+            "copy": bool(copy),
+        }
+        for (_, r), copy in zip(ordered.iterrows(), is_copy, strict=True)
+    ]
+    first = cell.iloc[0]
+    row = {
+        "ratio": first["_ratio"],
+        "method": first["method"],
+        "label": first["label"],
+        "is_dense": first["method"] == "dense",
+        "n_seeds": len(per_seed),
+        "seeds": list(per_seed.index),
+        "limited": bool(cell["limited"].any()),
+        "partial_windows": bool(cell["partial_windows"].any()),
+        "achieved_ratio": pd.to_numeric(usable["achieved_ratio"], errors="coerce").mean() if len(usable) else math.nan,
+        "status": status,
+        "note": "; ".join(notes),
+        "members": members,
+    }
+    return row, estimates
+
+
+def _build_one(
+    model: str, frame: pd.DataFrame, metrics: Sequence[str] | None, include_unusable: bool
+) -> LeaderboardTable:
+    frame = frame.copy()
+    frame["status"] = frame["status"].fillna("ok")
+    frame["_stale"] = stale_reasons(frame)
+    frame["_usable"] = (frame["status"] == "ok") & frame["_stale"].isna()
+    for col in ("limited", "partial_windows"):
+        frame[col] = frame[col].fillna(False).astype(bool) if col in frame else False
+    stale = frame[(frame["status"] == "ok") & ~frame["_usable"]]
+    for _, r in stale.iterrows():
+        # Shown as "stale" where unusable cells are kept; otherwise the reader must hear why a row is gone.
+        logger.log(
+            logging.INFO if include_unusable else logging.WARNING,
+            "stale record %s (%s, ratio %s): %s", r["source_file"] or r["run_key"], r["method"], r["ratio"], r["_stale"],
+        )
+    if not include_unusable:
+        frame = frame[frame["_usable"]]
+    usable = frame[frame["_usable"]]
+    if frame.empty:
+        raise ValueError(f"{model}: no usable records (all failed or stale)")
+    if usable.empty:  # only failed/stale cells to show: no column has a value
+        specs = [resolve_metric(m, frame.columns) for m in metrics or []]
+    else:
+        specs = _resolve_metrics(usable, metrics)
     keys = [s.key for s in specs]
-    agg = {k: "mean" for k in keys}
-    agg.update(method="first", label="first", limited="max", achieved_ratio="mean")
-    frame["limited"] = frame["limited"].fillna(False).astype(bool)
-    frame["achieved_ratio"] = pd.to_numeric(frame["achieved_ratio"], errors="coerce")
-    by_cell = frame.groupby(["_ratio", "_identity"], sort=False)
-    grouped = by_cell.agg(agg).reset_index()
-    # n counts distinct seeds; re-runs of one seed (e.g. another harness version) are averaged too,
-    # but must not pass for extra seeds.
-    n_records = by_cell.size().to_numpy()
-    grouped["n_seeds"] = by_cell["seed"].nunique().clip(lower=1).to_numpy()
-    if (n_records > grouped["n_seeds"].to_numpy()).any():
-        logger.warning("%s: some cells have several records for the same seed; averaging them", model)
-    grouped["is_dense"] = grouped["method"] == "dense"
-    grouped = grouped.rename(columns={"_ratio": "ratio"})
+    for k in keys:
+        # Coerce: a column that is None in every record arrives as object dtype and cannot be averaged.
+        frame[k] = pd.to_numeric(frame[k], errors="coerce") if k in frame.columns else math.nan
+    protocols = _protocols(model, frame[frame["_usable"]], specs)
+    frame["_identity"] = _adopt_orphans(frame, cell_identity(frame))
+    frame["_ratio"] = frame["ratio"].round(6)
+    frame["_seed"] = frame["seed"].map(value_text)
+    frame["label"] = cell_labels(frame)
+    built = [_cell_row(model, cell, keys) for _, cell in frame.groupby(["_ratio", "_identity"], sort=False)]
     # Dense first, then ratio groups ascending, then the fixed method order.
-    order = sorted(
-        range(len(grouped)),
-        key=lambda i: (
-            0 if grouped.at[i, "is_dense"] else 1,
-            grouped.at[i, "ratio"],
-            method_sort_key(grouped.at[i, "method"]),
-            grouped.at[i, "label"],
-        ),
+    built.sort(
+        key=lambda b: (
+            0 if b[0]["is_dense"] else 1, b[0]["ratio"], method_sort_key(b[0]["method"]), b[0]["label"]
+        )
     )
-    columns = ["ratio", "method", "label", "is_dense", "n_seeds", "limited", "achieved_ratio", *keys]
-    rows = grouped.iloc[order].reset_index(drop=True)[columns]
-    bold = pd.DataFrame(False, index=rows.index, columns=keys)
-    for _ratio, g in rows[~rows["is_dense"]].groupby("ratio", sort=False):
+    rows = pd.DataFrame([{**r, **{k: e.mean for k, e in est.items()}} for r, est in built])
+    spread = pd.DataFrame(
+        [{k: (math.nan if e.spread is None else e.spread) for k, e in est.items()} for _, est in built],
+        index=rows.index, columns=keys, dtype=float,
+    )
+    counts = pd.DataFrame([{k: e.n for k, e in est.items()} for _, est in built], index=rows.index, columns=keys)
+    marks = pd.DataFrame("", index=rows.index, columns=keys)
+    contenders = rows[~rows["is_dense"] & (rows["status"] == "ok")]
+    for _ratio, g in contenders.groupby("ratio", sort=False):
         for s in specs:
-            vals = g[s.key].dropna()
-            vals = vals[vals.map(math.isfinite)]
-            if len(vals) < 2:  # a lone entry is not "best" of anything
-                continue
-            shown = vals.map(s.rounded)
-            best = shown.max() if s.higher_is_better else shown.min()
-            bold.loc[shown.index[shown == best], s.key] = True
-    table = LeaderboardTable(model=model, metrics=specs, rows=rows, bold=bold, protocols=protocols)
+            for i, mark in best_and_ties(s, {i: built[i][1][s.key] for i in g.index}).items():
+                marks.at[i, s.key] = mark
+    table = LeaderboardTable(
+        model=model, metrics=specs, rows=rows, spread=spread, counts=counts, marks=marks, protocols=protocols
+    )
     table.caption = _caption(table, frame)
     return table
 
 
 def _caption(table: LeaderboardTable, frame: pd.DataFrame) -> str:
-    parts = [
-        f"{table.model}: {RATIO_DEFINITION} (0% = original dense model).",
-        "Bold: best per ratio group and column (dense row excluded); ↓ lower is better, ↑ higher is better.",
-    ]
+    # The dense model has no calibration, so it has no seeds to spread over: only methods count here.
+    rows = table.rows[(table.rows["status"] == "ok") & ~table.rows["is_dense"]]
+    parts = [f"{table.model}: {RATIO_DEFINITION} (0% = original dense model)."]
+    if (rows["n_seeds"] > 1).any():
+        parts.append(f"Values: {SPREAD_DEFINITION}.")
+    if (rows["n_seeds"] == 1).any():
+        parts.append(f"{SINGLE_SEED_NOTE}.")
+    parts.append("Bold: best per ratio group and column (dense row excluded); ↓ lower is better, ↑ higher is better.")
+    if (rows["n_seeds"] > 1).any() or table.marks.map(is_tie).to_numpy().any():
+        parts.append(f"{TIE_DEFINITION}.")
     if any(s.kind == "acc" for s in table.metrics):
         parts.append("Zero-shot accuracies in %.")
         by_metric: dict[str, list[str]] = {}
@@ -168,10 +334,12 @@ def _caption(table: LeaderboardTable, frame: pd.DataFrame) -> str:
     protos = sorted({p for ps in table.protocols.values() for p in ps})
     if protos:
         parts.append(f"Protocols: {', '.join(protos)}.")
-    if (table.rows["n_seeds"] > 1).any():
-        parts.append("(n=k): mean over k seeds.")
     if table.rows["limited"].astype(bool).any():
         parts.append(f"{LIMITED_MARK} evaluated with --limit (smoke run, not comparable).")
+    if table.rows["partial_windows"].astype(bool).any():
+        parts.append(f"{PARTIAL_MARK} perplexity over the first N windows only (--eval-max-windows smoke run).")
+    if (table.rows["status"] != "ok").any():
+        parts.append("failed / stale: no usable record for the cell; no number is shown.")
     return " ".join(parts)
 
 
@@ -180,6 +348,7 @@ def build_leaderboard(
     metrics: Sequence[str] | None = None,
     allow_limited: bool = False,
     model: str | None = None,
+    include_unusable: bool = False,
 ) -> list[LeaderboardTable]:
     """Aggregate the store frame into one :class:`LeaderboardTable` per model.
 
@@ -188,6 +357,9 @@ def build_leaderboard(
         metrics: Metric names/aliases for the columns; default: every registered metric with values.
         allow_limited: Include ``--limit`` smoke-run records (marked with †) instead of refusing.
         model: Restrict to one model (name or id); default: one table per model.
+        include_unusable: Keep cells whose records are all failed or stale, as rows with that
+            status and no numbers (the HTML site); by default they are left out (stale ones with a
+            warning each; failed ones are already dropped, with a warning, by the store loader).
 
     Returns:
         The tables, sorted by model name.
@@ -197,47 +369,40 @@ def build_leaderboard(
         ValueError: Unknown model, empty store, or a column mixing evaluation protocols.
         UnknownMetricError: Unknown metric name (with close matches).
     """
-    if "status" in frame:
+    if "status" in frame and not include_unusable:
         frame = frame[frame["status"].fillna("ok") == "ok"]
     tables = []
     for name, sub in select_model(frame, model):
         check_limited(sub, allow_limited)
-        tables.append(_build_one(name, sub, metrics))
+        tables.append(_build_one(name, sub, metrics, include_unusable))
     return tables
-
-
-def _group_keys(table: LeaderboardTable) -> list[str]:
-    """Row-group key per row: the dense row is its own group, others group by ratio."""
-    return [
-        "dense" if d else repr(r) for d, r in zip(table.rows["is_dense"], table.rows["ratio"], strict=True)
-    ]
 
 
 def _cells(table: LeaderboardTable, bold: tuple[str, str], missing: str) -> list[list[str]]:
     out = []
-    keys = _group_keys(table)
+    keys = table.group_keys()
     for i, r in table.rows.iterrows():
         ratio = "0%" if r["is_dense"] else _fmt_ratio(r["ratio"])
         first = i == 0 or keys[i] != keys[i - 1]
-        label = r["label"] + (f" (n={r['n_seeds']})" if r["n_seeds"] > 1 else "")
-        label += LIMITED_MARK if r["limited"] else ""
-        row = [ratio if first else "", label]
+        row = [ratio if first else "", table.label_text(i), str(r["n_seeds"]) if r["status"] == "ok" else "–"]
         for s in table.metrics:
-            v = r[s.key]
-            text = missing if pd.isna(v) else s.format(float(v))
-            row.append(f"{bold[0]}{text}{bold[1]}" if table.bold.at[i, s.key] else text)
+            text = table.cell_text(i, s.key, missing)
+            mark = table.marks.at[i, s.key]
+            if mark:
+                text = f"{bold[0]}{text}{bold[1]}" + (TIE_MARK if is_tie(mark) else "")
+            row.append(text)
         out.append(row)
     return out
 
 
 def _render_md(table: LeaderboardTable) -> str:
-    headers = ["Ratio", "Method"] + [f"{s.label}{s.arrow}" for s in table.metrics]
+    headers = ["Ratio", "Method", "n"] + [f"{s.label}{s.arrow}" for s in table.metrics]
     body = tabulate(
         _cells(table, ("**", "**"), "–"),
         headers=headers,
         tablefmt="pipe",
         disable_numparse=True,
-        colalign=("left", "left") + ("right",) * len(table.metrics),
+        colalign=("left", "left", "right") + ("right",) * len(table.metrics),
     )
     model, _, rest = table.caption.partition(": ")
     return f"**{model}**: {rest}\n\n{body}\n"
@@ -257,6 +422,11 @@ _LATEX_ESCAPES = {
     "↓": r"$\downarrow$",
     "↑": r"$\uparrow$",
     "†": r"$^\dagger$",
+    "‡": r"$^\ddagger$",
+    "§": r"$^\S$",
+    "±": r"$\pm$",
+    "−": r"$-$",
+    "≤": r"$\leq$",
     "×": r"$\times$",
     "–": "--",
     "∞": r"$\infty$",
@@ -271,19 +441,21 @@ def latex_escape(text: str) -> str:
 def _render_latex(table: LeaderboardTable) -> str:
     n = len(table.metrics)
     slug = re.sub(r"[^a-z0-9]+", "-", table.model.lower()).strip("-")
-    header = " & ".join(["Ratio", "Method"] + [latex_escape(f"{s.label}{s.arrow}") for s in table.metrics])
+    header = " & ".join(
+        ["Ratio", "Method", "$n$"] + [latex_escape(f"{s.label}{s.arrow}") for s in table.metrics]
+    )
     lines = [
         "% svdbench leaderboard; needs \\usepackage{booktabs} and \\usepackage{multirow}",
         "\\begin{table}[t]",
         "\\centering",
         f"\\caption{{{latex_escape(table.caption)}}}",
         f"\\label{{tab:svdbench-{slug}}}",
-        f"\\begin{{tabular}}{{l|l|{'r' * n}}}",
+        f"\\begin{{tabular}}{{l|l|r|{'r' * n}}}",
         "\\toprule",
         header + " \\\\",
     ]
     cells = _cells(table, ("\x00B", "\x00E"), "–")
-    keys = _group_keys(table)
+    keys = table.group_keys()
     for i, row in enumerate(cells):
         if row[0]:
             lines.append("\\midrule")
@@ -297,10 +469,16 @@ def _render_latex(table: LeaderboardTable) -> str:
 
 
 def _render_csv(tables: list[LeaderboardTable]) -> str:
+    """Raw numbers: per metric the mean, ``.std`` (sample s.d.; empty with one seed), ``.n`` and ``.mark``."""
     frames = []
     for t in tables:
-        keys = [s.key for s in t.metrics]
-        f = t.rows[["ratio", "method", "label", "n_seeds", "limited", "achieved_ratio", *keys]].copy()
+        f = t.rows[["ratio", "method", "label", "n_seeds", "limited", "partial_windows", "status", "achieved_ratio"]].copy()
+        f["seeds"] = t.rows["seeds"].map(lambda s: " ".join(map(str, s)))
+        for s in t.metrics:
+            f[s.key] = t.rows[s.key]
+            f[f"{s.key}.std"] = t.spread[s.key]
+            f[f"{s.key}.n"] = t.counts[s.key]
+            f[f"{s.key}.mark"] = t.marks[s.key]
         f.insert(0, "model", t.model)
         frames.append(f)
     buf = io.StringIO()
@@ -321,6 +499,7 @@ def render_leaderboard(
         frame: Store frame (:func:`harness.report.store.load_store`).
         fmt: ``"md"`` (pipe table with a bold caption line), ``"latex"`` (booktabs, multirow,
             ``\\textbf`` for best) or ``"csv"`` (raw numbers, one header, a ``model`` column).
+            The HTML site is a directory, not text: :func:`harness.report.html.write_site`.
         metrics: Metric names/aliases for the columns; default: every registered metric present.
         allow_limited: Accept records evaluated with ``--limit`` (marked †); refused by default.
         model: Only this model (name or id). With several models and no choice, md/latex render
@@ -334,8 +513,10 @@ def render_leaderboard(
         ValueError: Unknown format or model, empty store, or mixed protocols within a column.
         UnknownMetricError: Unknown metric name.
     """
+    if fmt == "html":
+        raise ValueError("the html leaderboard is a site, not text: use write_site() (CLI: --format html --out DIR)")
     if fmt not in ("md", "latex", "csv"):
-        raise ValueError(f"unknown leaderboard format {fmt!r}; choose md, latex or csv")
+        raise ValueError(f"unknown leaderboard format {fmt!r}; choose md, latex, csv or html")
     tables = build_leaderboard(frame, metrics=metrics, allow_limited=allow_limited, model=model)
     if fmt == "csv":
         return _render_csv(tables)

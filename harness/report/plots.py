@@ -29,13 +29,17 @@ from harness.report.cells import (
 )
 from harness.report.metrics import MetricSpec, resolve_metric
 from harness.report.spectra import load_spectra, spectra_figure
-from harness.report.store import as_frame
+from harness.report.spread import SPREAD_NAME, Estimate, estimate
+from harness.report.staleness import stale_reasons
+from harness.report.store import as_frame, value_text
 
 __all__ = ["PLOT_KINDS", "plot", "load_spectra"]
 
 logger = logging.getLogger(__name__)
 
-PLOT_KINDS: tuple[str, ...] = ("ppl-vs-ratio", "zeroshot-vs-ratio", "rank-allocation", "spectra")
+PLOT_KINDS: tuple[str, ...] = ("ppl-vs-ratio", "zeroshot-vs-ratio", "metric-vs-ratio", "rank-allocation", "spectra")
+_VS_RATIO = ("ppl-vs-ratio", "zeroshot-vs-ratio", "metric-vs-ratio")
+ERROR_BARS = f"±1 {SPREAD_NAME} over seeds, where a cell has two or more seeds"
 RATIO_LABEL = "Compression ratio (params removed)"
 # Projection panels in architecture order (Llama/Mistral/Qwen, then OPT); others follow alphabetically.
 _KIND_ORDER = [
@@ -120,7 +124,16 @@ def _style_for(method: str, label: str, seen: dict[str, int]) -> dict[str, Any]:
     return kw
 
 
+def _ratio_estimates(g: pd.DataFrame, key: str) -> list[tuple[float, Estimate]]:
+    """(ratio, estimate over seeds) of one series, by ratio; re-runs of a seed are averaged first."""
+    vals = g[["ratio", "seed", key]].copy()
+    vals["seed"] = vals["seed"].map(value_text)
+    per_seed = vals.groupby(["ratio", "seed"])[key].mean()
+    return [(float(r), estimate(s.tolist())) for r, s in per_seed.groupby(level=0, sort=True)]
+
+
 def _metric_vs_ratio(frame: pd.DataFrame, model: str, spec: MetricSpec, ylabel: str, log_y: bool) -> Any:
+    """Metric (mean over seeds) against ratio, one line per method, error bars ± s where n >= 2."""
     series = _series(frame)
     # The legend sits above the axes in three columns; grow the figure with it, not shrink the axes.
     legend_rows = math.ceil((len(series) + 1) / 3)
@@ -129,7 +142,9 @@ def _metric_vs_ratio(frame: pd.DataFrame, model: str, spec: MetricSpec, ylabel: 
     seen: dict[str, int] = {}
     ratios: set[float] = set()
     for method, label, g in series:
-        vals = g[["ratio", spec.key]].dropna()
+        vals = g[["ratio", "seed", spec.key]].copy()
+        vals[spec.key] = pd.to_numeric(vals[spec.key], errors="coerce")
+        vals = vals.dropna(subset=[spec.key])
         bad = ~vals[spec.key].map(math.isfinite)
         if bad.any():
             logger.warning(
@@ -138,14 +153,18 @@ def _metric_vs_ratio(frame: pd.DataFrame, model: str, spec: MetricSpec, ylabel: 
             vals = vals[~bad]
         if vals.empty:
             continue
-        stats = vals.groupby("ratio")[spec.key].agg(["mean", "std", "count"]).sort_index()
-        x, y = stats.index.to_numpy(), stats["mean"].map(spec.display).to_numpy()
+        points = _ratio_estimates(vals, spec.key)
+        x = np.array([r for r, _ in points])
+        y = np.array([spec.display(e.mean) for _, e in points])
         ratios.update(x.tolist())
         ax.plot(x, y, **_style_for(method, label, seen))
-        if (stats["count"] > 1).any():  # seed spread, where there is more than one seed
-            err = stats["std"].fillna(0).map(lambda v: abs(spec.display(v))).to_numpy()
+        # Error bars only where there is a spread (two or more seeds): one seed gets none, never a made-up one.
+        spread = [(r, spec.display(e.mean), abs(spec.display(e.spread))) for r, e in points if e.spread is not None]
+        if spread:
+            ex, ey, err = (np.array(v) for v in zip(*spread, strict=True))
             ax.errorbar(
-                x, y, yerr=err, fmt="none", ecolor=ax.lines[-1].get_color(), elinewidth=0.8, capsize=1.5
+                ex, ey, yerr=err, fmt="none", ecolor=ax.lines[-1].get_color(), elinewidth=0.8, capsize=1.5,
+                label="_nolegend_",
             )
     dense = frame.loc[frame["method"] == "dense", spec.key].dropna()
     if not dense.empty:
@@ -271,6 +290,16 @@ def _rank_allocation(frame: pd.DataFrame, model: str, ratio: float, value: str) 
     return fig
 
 
+def _drop_stale(frame: pd.DataFrame) -> pd.DataFrame:
+    """Leave out stale records (:mod:`harness.report.staleness`): figures never draw their numbers."""
+    if frame.empty:
+        return frame
+    reasons = stale_reasons(frame)
+    for idx in reasons.index[reasons.notna()]:
+        logger.warning("not plotting stale record %s: %s", frame.at[idx, "source_file"] or frame.at[idx, "run_key"], reasons[idx])
+    return frame[reasons.isna()]
+
+
 def plot(
     source: pd.DataFrame | str | Path | Sequence[Mapping[str, Any]] | None,
     kind: str,
@@ -294,8 +323,10 @@ def plot(
         kind: One of :data:`PLOT_KINDS`.
         out_dir: Output directory (created).
         model: Only this model; default: one figure per model.
-        metric: For ``ppl-vs-ratio`` (default ``wikitext2``) and ``zeroshot-vs-ratio`` (default
-            ``average``): the plotted metric name or alias.
+        metric: For ``ppl-vs-ratio`` (default ``wikitext2``), ``zeroshot-vs-ratio`` (default
+            ``average``) and ``metric-vs-ratio`` (required; any metric, e.g. ``embed-fidelity``):
+            the plotted metric name or alias. These figures draw the mean over seeds with error
+            bars of ±1 sample standard deviation where a cell has two or more seeds.
         ratio: For ``rank-allocation``: the ratio shown (default: the one most methods share).
         value: For ``rank-allocation``: ``"keep"`` (kept fraction per matrix) or ``"rank"``.
         spectra: For ``spectra``: path of the JSON/npz dump (see :func:`load_spectra`).
@@ -332,6 +363,7 @@ def plot(
         frame = as_frame(source)  # type: ignore[arg-type]
         if "status" in frame:
             frame = frame[frame["status"].fillna("ok") == "ok"]
+        frame = _drop_stale(frame)
         for name, sub in select_model(frame, model):
             check_limited(sub, allow_limited, what="a figure")
             sweep = sweep_id or "+".join(sorted({str(s) for s in sub["sweep_id"].dropna()})) or None
@@ -339,16 +371,21 @@ def plot(
                 "model": name,
                 "records_git_sha": ",".join(sorted({str(s)[:12] for s in sub["git_sha"].dropna()})[:3]),
             }
-            if kind in ("ppl-vs-ratio", "zeroshot-vs-ratio"):
+            if kind in _VS_RATIO:
+                if kind == "metric-vs-ratio" and metric is None:
+                    raise ValueError("metric-vs-ratio needs a metric (e.g. metric='embed-fidelity')")
                 spec = resolve_metric(
                     metric or ("wikitext2" if kind == "ppl-vs-ratio" else "average"), sub.columns
                 )
+                extra["error_bars"] = ERROR_BARS
                 if spec.key not in sub.columns:
                     raise ValueError(f"{name}: the store has no {spec.key} values")
                 fig = _metric_vs_ratio(sub, name, spec, _ylabel(spec), log_y=spec.kind == "ppl")
                 # File tag: the dataset for perplexities, the task or field otherwise.
                 parts = spec.key.split(".")
                 tag = parts[0] if spec.kind == "ppl" else parts[-2] if parts[-1] == "value" else parts[-1]
+                if kind == "metric-vs-ratio":
+                    tag = spec.key  # any metric: the full key keeps two groups' fields apart
                 stem = f"{kind}_{_slug(tag)}_{_slug(name)}"
             else:
                 r = ratio if ratio is not None else _pick_ratio(sub)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "metric_columns",
     "read_records",
     "value_text",
+    "flatten_metrics",
     "canonical_config",
     "records_to_frame",
     "load_store",
@@ -46,6 +48,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+_PARTIAL_RE = re.compile(r":first\d+$")
 
 # Identity columns, in the order they appear in the frame (metric columns follow).
 _BASE_COLUMNS = [
@@ -81,6 +84,7 @@ _BASE_COLUMNS = [
     "seed",
     "limit",
     "limited",
+    "partial_windows",
     "git_sha",
     "git_dirty",
     "svdbench_version",
@@ -161,6 +165,13 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     # Lists (e.g. per-window losses) have no single cell value; leave them in the record.
 
 
+def flatten_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A record's ``metrics`` as the store flattens them: dotted key -> scalar (lm-eval ``raw`` and lists left out)."""
+    out: dict[str, Any] = {}
+    _flatten("", metrics or {}, out)
+    return out
+
+
 def value_text(value: object) -> str:
     """Stable text of a frame cell for identity keys: missing -> "", integral floats without ".0".
 
@@ -235,12 +246,16 @@ def _row(rec: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     }
     for name, secs in (rec.get("timings_s") or {}).items():
         row[f"time_{name}_s"] = secs
-    metrics: dict[str, Any] = {}
-    _flatten("", rec.get("metrics") or {}, metrics)
+    metrics = flatten_metrics(rec.get("metrics"))
     row.update(metrics)
     # A record is "limited" if the run or any evaluation inside it used lm-eval --limit.
     row["limited"] = row["limit"] is not None or any(
         k.endswith(".limit") and v is not None for k, v in metrics.items()
+    )
+    # --eval-max-windows N scores only the first N windows; the protocol id then ends in ":firstN".
+    row["partial_windows"] = any(
+        k.endswith(".protocol") and isinstance(v, str) and _PARTIAL_RE.search(v) is not None
+        for k, v in metrics.items()
     )
     return row
 

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from harness.report.staleness import current_config
+
 MODEL = "toy-llama"
 N_BLOCKS = 8
 HIDDEN, INTER = 256, 688
@@ -88,6 +90,21 @@ def _layers(method: str, ratio: float) -> list[dict[str, Any]]:
     return out
 
 
+def method_config(method: str) -> dict[str, Any]:
+    """The full config the installed registry gives ``method`` (as the engine records it), so that
+    fixture records are current, not stale; a stand-in for names the registry does not know."""
+    if method == "dense":
+        return {}
+    config = current_config(method)
+    if config is not None:
+        return config
+    return {
+        "allocator": {"name": ALLOCATOR.get(method, "uniform")},
+        "factorizer": {"name": "plain" if method == "svd" else "whitened"},
+        "refiner": {"name": "adacomp" if "adacomp" in method or method == "adasvd" else "none"},
+    }
+
+
 def make_record(method: str, ratio: float, seed: int = 0, **overrides: Any) -> dict[str, Any]:
     """One schema-v1 record for ``CELLS[(method, ratio, seed)]`` (or zeros if not listed)."""
     wt2, ptb, accs = CELLS.get((method, ratio, seed), (20.0, 40.0, [0.5] * len(TASK_METRIC)))
@@ -118,16 +135,7 @@ def make_record(method: str, ratio: float, seed: int = 0, **overrides: Any) -> d
             "family": "llama",
             "n_blocks": N_BLOCKS,
         },
-        "method": {
-            "name": method,
-            "config": {}
-            if dense
-            else {
-                "allocator": {"name": ALLOCATOR.get(method, "uniform")},
-                "factorizer": {"name": "plain" if method == "svd" else "whitened"},
-                "refiner": {"name": "adacomp" if "adacomp" in method or method == "adasvd" else "none"},
-            },
-        },
+        "method": {"name": method, "config": method_config(method)},
         "ratio": ratio,
         "achieved_ratio": 0.0 if dense else ratio + 0.0003,
         "achieved_ratio_model": 0.0 if dense else ratio * 0.92,

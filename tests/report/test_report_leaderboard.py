@@ -49,7 +49,8 @@ def test_ordering_dense_first_ratios_ascending_method_order(frame: pd.DataFrame)
     assert [r[0] for r in rows if r[0]] == ["0%", "20%", "40%"]
     assert [r[1] for r in rows[1:5]] == ["SVD", "SVD-LLM", "AdaSVD", "ResSVD"]
     # Variants come right after their parent, before the next known method.
-    assert [r[1] for r in rows[5:]] == ["SVD", "SVD-LLM (n=2)", "SVD-LLM+adacomp", "AdaSVD", "ResSVD"]
+    assert [r[1] for r in rows[5:]] == ["SVD", "SVD-LLM", "SVD-LLM+adacomp", "AdaSVD", "ResSVD"]
+    assert [r[2] for r in rows[5:]] == ["1", "2", "1", "1", "1"]  # n: seeds per cell
 
 
 def test_unknown_methods_sort_alphabetically_after_known_ones() -> None:
@@ -67,11 +68,12 @@ def test_bold_is_per_group_and_respects_direction(frame: pd.DataFrame) -> None:
     piqa = column(text, "PIQA↑")
     assert piqa["AdaSVD"] == "**66.00**"  # highest accuracy wins
     assert [k for k, v in piqa.items() if v.startswith("**")] == ["AdaSVD"]
-    # Ties at the displayed precision are all bold (30.50 for both SVD-LLM rows).
-    assert column(text, "Openb.↑")["SVD-LLM (n=2)"] == "**30.50**"
+    # Equal means as printed are all best (30.50 for both SVD-LLM rows); no tie mark needed.
+    assert column(text, "Openb.↑")["SVD-LLM"] == "**30.50 ± 0.71**"
+    assert column(text, "Openb.↑")["SVD-LLM+adacomp"] == "**30.50**"
     # The dense row has the best numbers of all but is never bold.
     dense = md_rows(text)[0]
-    assert dense[2] == "5.68" and not any("**" in c for c in dense)
+    assert dense[3] == "5.68" and not any("**" in c for c in dense)
     table = build_leaderboard(frame)[0]
     assert table.bold.loc[table.rows["is_dense"]].to_numpy().sum() == 0
 
@@ -83,7 +85,8 @@ def test_number_formats_and_caption(frame: pd.DataFrame) -> None:
     assert "Average↑" in md_header(text)
     assert RATIO_DEFINITION in text and "toy-llama" in text
     assert "wikitext2@2048" in text and "zeroshot@lm-eval-0.4.13" in text
-    assert column(text, "WikiText-2↓")["SVD-LLM (n=2)"] == "13.21"  # mean over seeds 13.11 / 13.31
+    # Mean over seeds 13.11 / 13.31 ± their sample standard deviation 0.1414.
+    assert column(text, "WikiText-2↓")["SVD-LLM"] == "13.21 ± 0.14"
 
 
 def test_latex_booktabs_multirow_bold_and_escaping(frame: pd.DataFrame) -> None:
@@ -131,7 +134,7 @@ def test_one_table_per_model_and_model_selection(frame: pd.DataFrame) -> None:
 
 def test_metric_selection_and_unknown_metric(frame: pd.DataFrame) -> None:
     text = render_leaderboard(frame, "md", metrics=["wikitext2", "piqa", "average"])
-    assert md_header(text) == ["Ratio", "Method", "WikiText-2↓", "PIQA↑", "Average↑"]
+    assert md_header(text) == ["Ratio", "Method", "n", "WikiText-2↓", "PIQA↑", "Average↑"]
     with pytest.raises(UnknownMetricError, match="Did you mean"):
         render_leaderboard(frame, "md", metrics=["hellaswg"])
 
@@ -155,6 +158,8 @@ def test_empty_store_and_bad_format() -> None:
     with pytest.raises(ValueError, match="no usable records"):
         render_leaderboard(records_to_frame([]), "md")
     with pytest.raises(ValueError, match="unknown leaderboard format"):
+        render_leaderboard(records_to_frame(fixture_records()[:1]), "xml")
+    with pytest.raises(ValueError, match="is a site"):
         render_leaderboard(records_to_frame(fixture_records()[:1]), "html")
 
 
@@ -167,5 +172,5 @@ def test_embedding_fidelity_store() -> None:
                                              "protocol": "embed-fidelity@wikitext2-test-512x128"}}  # fmt: skip
         recs.append(rec)
     text = render_leaderboard(records_to_frame(recs), "md")
-    assert md_header(text) == ["Ratio", "Method", "Emb. cos↑", "Emb. cos p5↑", "Emb. err↓"]
-    assert md_rows(text)[2][2:] == ["**0.970**", "**0.870**", "**0.030**"]
+    assert md_header(text) == ["Ratio", "Method", "n", "Emb. cos↑", "Emb. cos p5↑", "Emb. err↓"]
+    assert md_rows(text)[2][3:] == ["**0.970**", "**0.870**", "**0.030**"]
