@@ -42,9 +42,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--eval-max-windows", type=int, default=None,
                    help="smoke runs: score only the first N perplexity windows (recorded in the protocol id)")
+    p.add_argument("--svd-driver", default=None, choices=("svd", "gram-eigh"),
+                   help="top-k SVD routine of the factorizers (default: gram-eigh on CUDA, svd on the CPU)")
+    p.add_argument("--eval-window-stride", type=int, default=None,
+                   help="perplexity on every k-th window only: a named subset of the whole text (protocol id :every<k>)")
     p.add_argument("--tasks", type=_names, default=None, help="lm-eval tasks for --eval zeroshot")
     p.add_argument("--limit", type=int, default=None, help="lm-eval --limit (smoke only; recorded, refused by leaderboards)")
     p.add_argument("--results", default="results", help="directory for the JSON records")
+    p.add_argument("--eval-offload", default="auto", choices=("auto", "never", "always"),
+                   help="auto: evaluate with blocks streamed through the device when the model does not fit on it")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -55,6 +61,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, eval_seqlen=args.eval_seqlen,
         eval_batch_size=args.eval_batch_size, eval_max_windows=args.eval_max_windows, limit=args.limit,
         tasks=args.tasks, seed=args.seed, device=args.device, dtype=args.dtype, results=args.results,
+        eval_offload=args.eval_offload, eval_window_stride=args.eval_window_stride, svd_driver=args.svd_driver,
     )
     for path in run(cfg):
         print(path)

@@ -25,11 +25,15 @@ class EvalSettings:
         seqlen: Perplexity window length.
         batch_size: Windows (or lm-eval requests) per forward.
         max_windows: Perplexity smoke limit (recorded in the protocol id), or None.
+        window_stride: Perplexity on every k-th window only (a named subset, ``:every{k}`` in the id).
         limit: lm-eval ``--limit`` (recorded; such records are refused by leaderboards), or None.
         tasks: lm-eval task names for ``zeroshot`` (None = default set).
         seed: Seed handed to evaluations that sample.
         device: Where the model runs.
         cache: Per-run cache (tokenized texts, dense references) shared by all cells.
+        forward: Set by the engine when the model does not fit on the device: batches of token
+            windows -> logits, streaming the blocks (:mod:`harness.engine.offload`); None when the
+            model is resident.
     """
 
     seqlen: int
@@ -40,6 +44,8 @@ class EvalSettings:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache: dict[str, Any] = field(default_factory=dict)
+    forward: Callable[..., Any] | None = None
+    window_stride: int | None = None
 
 
 Evaluation = Callable[[nn.Module, Any, EvalSettings], dict[str, Any]]
@@ -51,7 +57,8 @@ PREFLIGHT: dict[str, Callable[[], None]] = {}
 def _perplexity_eval(name: str) -> Evaluation:
     def run(model: nn.Module, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
         tokens = s.cache.setdefault("tokens", {})
-        return evaluate_protocol(name, model, tokenizer, s.seqlen, s.device, s.batch_size, s.max_windows, tokens)
+        return evaluate_protocol(name, model, tokenizer, s.seqlen, s.device, s.batch_size, s.max_windows, tokens,
+                                 s.forward, s.window_stride)
 
     return run
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +40,10 @@ class PerplexityProtocol:
     joiner: str
     variant: str = ""
 
-    def protocol_id(self, seqlen: int, max_windows: int | None) -> str:
+    def protocol_id(self, seqlen: int, max_windows: int | None, stride: int | None = None) -> str:
         base = f"{self.name}@{self.variant + '-' if self.variant else ''}{seqlen}"
+        if stride is not None and stride > 1:
+            base += f":every{stride}"
         return base if max_windows is None else f"{base}:first{max_windows}"
 
     def text(self) -> str:
@@ -55,6 +57,14 @@ PROTOCOLS: dict[str, PerplexityProtocol] = {
 }
 
 
+Forward = Callable[[Sequence[torch.Tensor]], Iterable[torch.Tensor]]
+
+
+def resident_forward(model: nn.Module, device: torch.device) -> Forward:
+    """Logits of each batch from a model that sits on ``device`` (the usual case)."""
+    return lambda batches: (model(input_ids=b.to(device), use_cache=False).logits for b in batches)
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -63,16 +73,22 @@ def perplexity(
     device: torch.device,
     batch_size: int = 8,
     max_windows: int | None = None,
+    forward: Forward | None = None,
+    stride: int | None = None,
 ) -> dict[str, object]:
     """Token perplexity over non-overlapping windows of one token stream.
 
     Args:
-        model: Causal LM returning ``.logits``; already on ``device``.
+        model: Causal LM returning ``.logits``; on ``device`` unless ``forward`` streams it.
         input_ids: ``(T,)`` the whole tokenized text.
         seqlen: Window length.
         device: Where the model runs.
         batch_size: Windows per forward.
         max_windows: Evaluate only the first windows (a smoke protocol; recorded in the protocol id).
+        forward: Batches of windows -> their logits (default :func:`resident_forward`; the engine
+            passes a block-streaming one for models larger than the device).
+        stride: Score every ``stride``-th window only (windows 0, k, 2k, ...): a named subset of the
+            whole text (protocol id ``...:every{k}``), for budgets that cannot afford every window.
 
     Returns:
         ``ppl`` (None if any window was non-finite), ``ppl_finite_windows``, ``nll_sum``, ``tokens``
@@ -81,13 +97,19 @@ def perplexity(
     n_windows = input_ids.numel() // seqlen
     if n_windows == 0:
         raise ValueError(f"text has {input_ids.numel()} tokens, fewer than one window of {seqlen}")
-    if max_windows is not None:
-        n_windows = min(n_windows, max_windows)
     windows = input_ids[: n_windows * seqlen].view(n_windows, seqlen)
+    if stride is not None and stride > 1:
+        windows = windows[::stride]
+    if max_windows is not None:
+        windows = windows[:max_windows]
+    n_windows = windows.shape[0]
+    batches = [windows[start : start + batch_size] for start in range(0, n_windows, batch_size)]
+    logits_of = (forward or resident_forward(model, device))(batches)
     nll_sum, bad = 0.0, 0  # nll_sum: over windows with a finite loss only
-    for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", leave=False):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    for batch, full_logits in tqdm(zip(batches, logits_of, strict=True), total=len(batches), desc="perplexity",
+                                   unit="batch", leave=False):
+        batch = batch.to(full_logits.device)
+        logits = full_logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
         ).view(batch.shape[0], -1).double().sum(dim=1)
@@ -120,11 +142,13 @@ def evaluate_protocol(
     batch_size: int = 8,
     max_windows: int | None = None,
     token_cache: dict[str, torch.Tensor] | None = None,
+    forward: Forward | None = None,
+    stride: int | None = None,
 ) -> dict[str, object]:
     """Evaluate one named perplexity protocol; the result carries its ``protocol`` id."""
     proto = PROTOCOLS[name]
     cache = token_cache if token_cache is not None else {}
     if name not in cache:
         cache[name] = tokenizer(proto.text(), return_tensors="pt").input_ids[0]  # type: ignore[operator]
-    result = perplexity(model, cache[name], seqlen, device, batch_size, max_windows)
-    return {"protocol": proto.protocol_id(seqlen, max_windows), **result}
+    result = perplexity(model, cache[name], seqlen, device, batch_size, max_windows, forward, stride)
+    return {"protocol": proto.protocol_id(seqlen, max_windows, stride), **result}

@@ -24,6 +24,7 @@ from harness import data
 from harness.cache import cache_path
 from harness.engine.capture import Batch, capture_block_inputs
 from harness.engine.compress import compress_model, restore
+from harness.engine.offload import OFFLOAD_MODES, offloaded, placement, resident, streamed_logits
 from harness.engine.statistics import CalibrationStatistics
 from harness.engine.store import STORE_VERSION, StatsStore
 from harness.evaluate import EvalSettings, compute_references, preflight, run_evaluations
@@ -36,6 +37,7 @@ from harness.models import (
     read_config,
     resolve_model_path,
 )
+from harness.perplexity import PROTOCOLS
 from harness.probes import ProbeContext, build_probes
 from harness.records import (
     SCHEMA_VERSION,
@@ -47,6 +49,7 @@ from harness.records import (
     write_json_atomic,
 )
 from methods import Method, parse_method
+from methods._linalg import SVD_DRIVERS, default_svd_driver, set_svd_driver
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,9 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     results: str = "results"
+    eval_offload: str = "auto"  # auto, never or always: evaluation streams blocks when the model does not fit
+    eval_window_stride: int | None = None  # perplexity on every k-th window (a named subset protocol)
+    svd_driver: str | None = None  # top-k routine of the factorizers (None: gram-eigh on CUDA, svd on the CPU)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,9 +119,14 @@ def prepare(cfg: RunConfig) -> Prepared:
     methods = tuple(parse_method(m) for m in cfg.methods)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    for n, v in (("calib-samples", cfg.calib_samples), ("calib-seqlen", cfg.calib_seqlen), ("eval-batch-size", cfg.eval_batch_size)):
+    for n, v in (("calib-samples", cfg.calib_samples), ("calib-seqlen", cfg.calib_seqlen), ("eval-batch-size", cfg.eval_batch_size),
+                 ("eval-window-stride", cfg.eval_window_stride)):
         if v is not None and v < 1:
             raise ValueError(f"--{n} must be positive, got {v}")
+    if cfg.svd_driver is not None and cfg.svd_driver not in SVD_DRIVERS:
+        raise ValueError(f"--svd-driver must be one of {', '.join(SVD_DRIVERS)}, got {cfg.svd_driver!r}")
+    if cfg.eval_offload not in OFFLOAD_MODES:
+        raise ValueError(f"--eval-offload must be one of {', '.join(OFFLOAD_MODES)}, got {cfg.eval_offload!r}")
     model_config = read_config(cfg.model)
     preflight(list(cfg.evals), encoder=is_encoder_config(model_config))
     data.check_calibration_source(cfg.calib)
@@ -151,7 +162,10 @@ def key_fields(prep: Prepared, model_info: Mapping[str, Any], method: dict[str, 
         "ratio": ratio,
         "calibration": calib,
         "evals": sorted(cfg.evals),
-        "eval": {"seqlen": prep.eval_seqlen, "max_windows": cfg.eval_max_windows, "limit": cfg.limit, "tasks": cfg.tasks},
+        "eval": {"seqlen": prep.eval_seqlen, "max_windows": cfg.eval_max_windows, "limit": cfg.limit, "tasks": cfg.tasks,
+                 # only when set, so the keys of every record without a stride stay what they were
+                 **({"window_stride": cfg.eval_window_stride} if cfg.eval_window_stride else {})},
+        **({"svd_driver": cfg.svd_driver} if cfg.svd_driver else {}),
         "svdbench": svdbench_version(),
     }
 
@@ -196,15 +210,18 @@ class Session:
         self.model, self.tokenizer = load_model(cfg.model, prep.dtype)
         self.load_s = time.perf_counter() - t0
         self.layout = discover(self.model)
+        set_svd_driver(cfg.svd_driver)
         self.encoder = is_encoder_config(self.model.config)
         self.model_info = {**fingerprint(cfg.model), "family": getattr(self.model.config, "model_type", None), "n_blocks": self.layout.n_blocks}
         self.settings = EvalSettings(
-            prep.eval_seqlen, cfg.eval_batch_size, cfg.eval_max_windows, cfg.limit, cfg.tasks, cfg.seed, prep.device
+            prep.eval_seqlen, cfg.eval_batch_size, cfg.eval_max_windows, cfg.limit, cfg.tasks, cfg.seed, prep.device,
+            window_stride=cfg.eval_window_stride,
         )
         self.results = Path(cfg.results)
         self.calibration: data.Calibration | None = None
         self._statistics: CalibrationStatistics | None = None
         self._scratch: tempfile.TemporaryDirectory | None = None
+        self.placement = "resident"
 
     # -- shared pieces -------------------------------------------------------------------------
     def _batches(self) -> list[Batch]:
@@ -252,13 +269,27 @@ class Session:
         return int(cal.attention_mask.sum()) if cal.attention_mask is not None else cal.input_ids.numel()
 
     def _evaluate(self) -> tuple[dict[str, Any], float]:
+        """Run the evaluations with the model resident on the device, or streamed when it does not fit
+        (:mod:`harness.engine.offload`); the placement is recorded by the caller."""
         t0 = time.perf_counter()
-        self.model.to(self.prep.device)
+        names = list(self.cfg.evals)
+        device = self.prep.device
+        self.placement = placement(self.model, device, self.cfg.eval_offload)
+        if self.placement == "resident":
+            with resident(self.model, device):
+                metrics = run_evaluations(names, self.model, self.tokenizer, self.settings)
+            return metrics, time.perf_counter() - t0
+        streamable = [n for n in names if n in PROTOCOLS]
+        self.settings.forward = streamed_logits(self.model, self.layout, device)
         try:
-            metrics = run_evaluations(list(self.cfg.evals), self.model, self.tokenizer, self.settings)
+            metrics = run_evaluations(streamable, self.model, self.tokenizer, self.settings)
         finally:
-            self.model.to("cpu")
-        return metrics, time.perf_counter() - t0
+            self.settings.forward = None
+        others = [n for n in names if n not in PROTOCOLS]
+        if others:
+            with offloaded(self.model, device):
+                metrics.update(run_evaluations(others, self.model, self.tokenizer, self.settings))
+        return {n: metrics[n] for n in names}, time.perf_counter() - t0
 
     def _key_fields(self, method: dict[str, Any], ratio: float, calib: dict | None) -> dict[str, Any]:
         return key_fields(self.prep, self.model_info, method, ratio, calib)
@@ -277,11 +308,9 @@ class Session:
     # -- cells ---------------------------------------------------------------------------------
     def references(self) -> None:
         """Dense references (e.g. embeddings) that compressed cells are compared against."""
-        self.model.to(self.prep.device)
-        try:
+        fits = placement(self.model, self.prep.device, self.cfg.eval_offload) == "resident"
+        with (resident if fits else offloaded)(self.model, self.prep.device):
             compute_references(list(self.cfg.evals), self.model, self.tokenizer, self.settings)
-        finally:
-            self.model.to("cpu")
 
     def run_dense(self) -> Path:
         """Evaluate the dense model once per (model, protocols); reuse an existing record."""
@@ -299,7 +328,7 @@ class Session:
             "method": {"name": "dense", "config": {}},
             "ratio": 0.0, "achieved_ratio": 0.0, "achieved_ratio_model": 0.0,
             "params_dense": n, "params_compressed": n, "params_model_dense": total, "params_model_compressed": total,
-            "calibration": None, "metrics": metrics,
+            "calibration": None, "metrics": metrics, "evaluation": {"placement": self.placement},
             "timings_s": {"load": self.load_s, "statistics": 0.0, "compress": 0.0, "eval": eval_s},
             "peak_memory_bytes": peak_memory_bytes(self.prep.device)["bytes"], "numerics": {}, "layers": [],
         }
@@ -350,12 +379,13 @@ class Session:
             "params_model_dense": result.params_model_dense,
             "params_model_compressed": result.params_model_compressed,
             "metrics": metrics,
+            "evaluation": {"placement": self.placement},
             # statistics: dense statistics passes run for this cell (0 when read from the store);
             # allocation includes the probes; compress is the whole compression wall time.
             "timings_s": {"load": self.load_s, "statistics": source.seconds - stats_before, **result.timings_s,
                           "compress": compress_s, "eval": eval_s},
             "statistics_cached": not (source.seconds - stats_before),
-            "statistics": result.statistics,
+            "statistics": {**result.statistics, "svd_driver": default_svd_driver(self.prep.device)},
             # Engine probes this cell's allocator ran (forwards, seconds, measure, cache hit); their
             # time is part of timings_s.allocation.
             "probes": {name: dict(p.last_cost) for name, p in probes.items() if getattr(p, "last_cost", None)},

@@ -3,6 +3,7 @@ store (verified on read), the fused and stored paths agreeing, and every file re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -182,3 +183,37 @@ def test_session_statistics_are_held_one_block_at_a_time(tiny_llama, tmp_path, m
     session.run_cell(parse_method("svd-llm"), 0.4)
     assert asked == list(range(session.layout.n_blocks))
     assert torch.is_tensor(real(0, parse_method("svd-llm").statistics())[0]["model.layers.0.mlp.down_proj"].gram)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox"])
+def test_streamed_evaluation_equals_resident(family, tmp_path, monkeypatch):
+    """Evaluation with blocks streamed through the device (the path of a model larger than the
+    device, forced here on the CPU) gives the resident model's perplexity."""
+    monkeypatch.setenv("SVDBENCH_CACHE", str(tmp_path / "cache"))
+    model = make_tiny_model_dir(family, tmp_path / family)
+    ppl = {}
+    for mode in ("never", "always"):
+        cfg = dataclasses.replace(_config(model, tmp_path / mode), eval_offload=mode)
+        for path in run(cfg):
+            rec = json.loads(path.read_text())
+            assert rec["evaluation"]["placement"] == ("streamed" if mode == "always" else "resident")
+            ppl[(mode, rec["method"]["name"])] = rec["metrics"]["wikitext2"]["ppl"]
+    for name in ("dense", "svd-llm"):
+        assert ppl[("always", name)] == pytest.approx(ppl[("never", name)], rel=1e-6), name
+
+
+def test_accelerate_offload_keeps_the_logits(tiny_llama):
+    """Evaluations other than perplexity run under accelerate's CPU offload when the model does not
+    fit; on the CPU it must leave the logits unchanged and remove its hooks afterwards."""
+    pytest.importorskip("accelerate")
+    from harness.engine.offload import offloaded
+    from harness.models import load_model
+
+    model, _ = load_model(str(tiny_llama))
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with offloaded(model, torch.device("cpu")):
+            got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, ref)
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())

@@ -72,3 +72,15 @@ def test_wikitext2_text_is_the_standard_join():
 def test_c4_without_data_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="c4 data is not available"):
         PROTOCOLS["c4"].text()
+
+
+def test_window_stride_scores_every_kth_window_and_names_the_subset():
+    """``stride=k`` scores windows 0, k, 2k, ... of the whole text: the mean NLL of exactly those."""
+    model = Bigram(11)
+    ids = torch.randint(0, 11, (10 * 8,), generator=torch.Generator().manual_seed(2))
+    every3 = perplexity(model, ids, 8, torch.device("cpu"), batch_size=2, stride=3)
+    assert every3["windows"] == 4 and every3["tokens"] == 4 * 7
+    singles = [perplexity(model, ids[w * 8:(w + 1) * 8], 8, torch.device("cpu"))["nll_sum"] for w in (0, 3, 6, 9)]
+    assert every3["nll_sum"] == pytest.approx(sum(singles))
+    assert PROTOCOLS["wikitext2"].protocol_id(1024, None, 12) == "wikitext2@1024:every12"
+    assert PROTOCOLS["wikitext2"].protocol_id(1024, 5, 12) == "wikitext2@1024:every12:first5"
