@@ -15,7 +15,7 @@ from harness.sweep.plan import DONE, FAILED, MISSING, Cell, cell_status, format_
 from harness.sweep.spec import SweepSpec
 from harness.sweep.worker import Outcome
 
-__all__ = ["SweepResult", "dry_run", "run_sweep"]
+__all__ = ["SweepResult", "dry_run", "run_sweep", "status"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,13 @@ def dry_run(spec: SweepSpec) -> str:
     """The grid with each cell's status, computed from run keys without loading (or training) any weights."""
     cells = plan_cells(spec, build_references=False)
     return format_plan(spec, cells, {c.key: cell_status(c) for c in cells})
+
+
+def status(spec: SweepSpec) -> str:
+    """Each cell as pending, running, done or failed (``--status``); loads no weights."""
+    from harness.sweep.status import status_report
+
+    return status_report(spec)
 
 
 def run_sweep(spec: SweepSpec, executor: str | Executor | None = None, retry_failed: bool = False) -> SweepResult:
