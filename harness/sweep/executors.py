@@ -310,9 +310,14 @@ class SubmititExecutor:
         return outcomes
 
     def _follow_slurm(self, pairs: Sequence[tuple[Any, Sequence[Cell]]]) -> list[Outcome]:
-        """Wait for every job: a result pickle means it finished; an end state without one (after a
-        grace period, since a shared filesystem can show a job's end before its last file) means it
-        was cancelled or killed. Polls every second at first, then up to every ``poll_s`` seconds."""
+        """Wait for every job to leave the queue, then take its result pickle, or, when none shows up
+        within a grace period (a shared filesystem can show a job's end before its last file), count
+        it as cancelled or killed. Polls every second at first, then up to every ``poll_s`` seconds.
+
+        A pickle is only read once the scheduler lists the job as ended: a requeued job can leave one
+        behind from the attempt it interrupted (submitit writes an error pickle when the requeue is
+        itself interrupted), which its next attempt overwrites.
+        """
         waiting = {job.job_id: (job, unit) for job, unit in pairs}
         outcomes: list[Outcome] = []
         start, last = time.monotonic(), dict.fromkeys(waiting, "")
@@ -330,13 +335,14 @@ class SubmititExecutor:
                 if state is not None and state.state != last[job_id]:
                     log.info("%s", state.describe(job_id))
                     last[job_id] = state.state
+                # A job the scheduler does not list yet is given a while to appear.
+                if unreachable or (state is not None and state.active) or (state is None and now - start < _APPEAR_S):
+                    ended_at.pop(job_id, None)
+                    continue
                 if job.paths.result_pickle.exists():
                     done = self._collect(job, unit)
                     log.info("job %s finished: %s", job_id, ", ".join(f"{o.cell.describe()} {o.status}" for o in done))
                     outcomes += done
-                elif unreachable or (state is not None and state.active) or (state is None and now - start < _APPEAR_S):
-                    ended_at.pop(job_id, None)  # running, requeued, or not listed yet
-                    continue
                 elif now - ended_at.setdefault(job_id, now) < _RESULT_GRACE_S:
                     continue
                 else:

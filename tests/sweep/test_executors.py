@@ -175,12 +175,14 @@ def test_submitit_on_slurm_follows_jobs_with_squeue(tmp_path, monkeypatch):
             submitted.extend([c.key for c in u] for u in units)
             return [FakeJob(f"40_{i}", logs, [Outcome(u[0], "ok")]) for i, u in enumerate(units)]
 
+    followed = FakeJob("30_4", logs, [Outcome(cells[4], "failed", "requeue interrupted")])
+
     def slurm_job(folder: str, job_id: str) -> FakeJob:
         assert (folder, job_id) == (str(logs), "30_4")
-        other = Cell("kx", "m", "svd", 0.5, 0, run)  # a cell of its group done in an earlier run
-        return FakeJob(job_id, logs, [Outcome(other, "ok"), Outcome(cells[4], "ok")])
+        return followed
 
     (logs / "40_0_result.pkl").touch()
+    (logs / "30_4_result.pkl").touch()  # left by the attempt its requeue interrupted: not its result
     (logs / "40_2.err").write_text("loading\nslurmstepd: error: Detected 1 oom_kill event\n")
     states = {"40_0": JobState("COMPLETED"), "40_1": JobState("CANCELLED"), "40_2": JobState("OUT_OF_MEMORY"),
               "40_3": JobState("CANCELLED"), "30_4": JobState("RUNNING")}
@@ -200,14 +202,17 @@ def test_submitit_on_slurm_follows_jobs_with_squeue(tmp_path, monkeypatch):
 
     real_sleep = executors.time.sleep
 
-    def sleep(seconds: float) -> None:  # 30_4 ends between the first and the second look
-        (logs / "30_4_result.pkl").touch()
+    def sleep(seconds: float) -> None:  # 30_4's next attempt ends between two looks
+        if len(calls) == 3:
+            other = Cell("kx", "m", "svd", 0.5, 0, run)  # a cell of its group done in an earlier run
+            followed.outcomes = [Outcome(other, "ok"), Outcome(cells[4], "ok")]
+            states["30_4"] = JobState("COMPLETED")
         real_sleep(0.01)
 
     monkeypatch.setattr(executors.time, "sleep", sleep)
     outcomes = {o.cell.key: o for o in ex.run_cells(cells)}
     assert calls[0] == ["30_4"]  # _attach asks about the earlier submission's job first
-    assert calls[1] == ["30_4", "40_0", "40_1", "40_2", "40_3"] and len(calls) >= 3
+    assert calls[1] == ["30_4", "40_0", "40_1", "40_2", "40_3"] and len(calls) >= 4
     assert submitted == [["k0"], ["k1"], ["k2"], ["k3"]]  # k4's job is still running: followed instead
     assert {k: o.status for k, o in outcomes.items()} == {
         "k0": "ok", "k1": "cancelled", "k2": "failed", "k3": "ok", "k4": "ok"}
