@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from harness.sweep.plan import DONE, Cell, cell_status, group_cells
-from harness.sweep.slurm import CANCELLED, JobState, SchedulerUnreachableError, job_states
+from harness.sweep.slurm import CANCELLED, PREEMPTED, JobState, SchedulerUnreachableError, job_states
 from harness.sweep.spec import SubmititSpec, SweepSpec
 from harness.sweep.submissions import SubmittedJob, latest_jobs, record_submission
 from harness.sweep.worker import GroupJob, Outcome, record_failure, run_group
@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 # Outcome status of a cell whose job was cancelled before it wrote a record: no record is written,
 # so the next run of the sweep computes the cell (a failed record would need --retry-failed).
 CANCELLED_OUTCOME = "cancelled"
-# Seconds a just-submitted job may be missing from squeue, and seconds an ended job's result pickle
-# may take to show up on a shared filesystem, before the job counts as ended without a result.
-_APPEAR_S, _RESULT_GRACE_S = 60.0, 10.0
+# Seconds a just-submitted job may be missing from squeue, seconds an ended job's result pickle may
+# take to show up on a shared filesystem, and seconds a preempted job may take to be requeued, before
+# the job counts as ended without a result.
+_APPEAR_S, _RESULT_GRACE_S, _REQUEUE_GRACE_S = 60.0, 10.0, 180.0
 
 
 class ExecutorUnavailableError(RuntimeError):
@@ -183,9 +184,9 @@ class SubmititExecutor:
 
     On SLURM, jobs are followed with ``squeue`` (``sacct`` as a fallback) rather than submitit's
     ``sacct``-only watcher, which never sees a job end on clusters without accounting storage. A
-    task cancelled before writing its record leaves the cell without one (outcome ``cancelled``:
-    the next run computes it); a task that ends any other way without a result gets a ``failed``
-    record with its log's tail.
+    task cancelled (or preempted and not requeued) before writing its record leaves the cell without
+    one (outcome ``cancelled``: the next run computes it); a task that ends any other way without a
+    result (out of memory, time limit, node failure) gets a ``failed`` record with its log's tail.
 
     Jobs are fresh interpreters (``python -m submitit.core._submit`` with this interpreter, in this
     working directory, with this environment), so svdbench must be importable there: installed,
@@ -300,7 +301,7 @@ class SubmititExecutor:
         for cell in unit:
             if cell_status(cell) == DONE:  # finished before the job ended
                 outcomes.append(Outcome(cell, "ok"))
-            elif state is not None and state.state == CANCELLED:
+            elif state is not None and state.state in (CANCELLED, PREEMPTED):
                 outcomes.append(Outcome(cell, CANCELLED_OUTCOME, described))
             else:
                 tail = "\n".join((job.stderr() or "").splitlines()[-40:])
@@ -343,7 +344,8 @@ class SubmititExecutor:
                     done = self._collect(job, unit)
                     log.info("job %s finished: %s", job_id, ", ".join(f"{o.cell.describe()} {o.status}" for o in done))
                     outcomes += done
-                elif now - ended_at.setdefault(job_id, now) < _RESULT_GRACE_S:
+                elif now - ended_at.setdefault(job_id, now) < (
+                        _REQUEUE_GRACE_S if state is not None and state.state == PREEMPTED else _RESULT_GRACE_S):
                     continue
                 else:
                     outcomes += self._ended_without_result(job, unit, state)

@@ -16,7 +16,8 @@ import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["ACTIVE", "CANCELLED", "JobState", "PENDING", "RUNNING", "SchedulerUnreachableError", "job_states"]
+__all__ = ["ACTIVE", "CANCELLED", "PENDING", "PREEMPTED", "RUNNING", "JobState", "SchedulerUnreachableError",
+           "job_states"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,9 @@ PENDING = frozenset({"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV
 RUNNING = frozenset({"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "STOPPED"})
 ACTIVE = PENDING | RUNNING
 CANCELLED = "CANCELLED"
+# A preempted job is requeued (PreemptMode=REQUEUE, or submitit's own requeue) or cancelled: the
+# state is shown briefly in the first case and for good in the second.
+PREEMPTED = "PREEMPTED"
 
 _TIMEOUT_S = 30
 

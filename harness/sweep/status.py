@@ -4,8 +4,8 @@ The records decide ``done`` and ``failed``. For the other cells, a live running 
 every executor's worker, see :mod:`harness.sweep.markers`) or the scheduler's state of the cell's
 SLURM job (from the submission manifests, see :mod:`harness.sweep.submissions`) decides between
 ``running`` and ``pending``; a SLURM job that ended in failure without writing a record (killed for
-memory, node failure) shows as ``failed`` with its log's first error line. A cancelled job's cell
-is ``pending``: it has no record, so the next run of the sweep computes it.
+memory, node failure) shows as ``failed`` with its log's first error line. A cancelled (or
+preempted) job's cell is ``pending``: it has no record, so the next run of the sweep computes it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,15 @@ from pathlib import Path
 from harness.records import read_record
 from harness.sweep.markers import marker_alive, read_marker
 from harness.sweep.plan import Cell, plan_cells
-from harness.sweep.slurm import CANCELLED, PENDING, RUNNING, JobState, SchedulerUnreachableError, job_states
+from harness.sweep.slurm import (
+    CANCELLED,
+    PENDING,
+    PREEMPTED,
+    RUNNING,
+    JobState,
+    SchedulerUnreachableError,
+    job_states,
+)
 from harness.sweep.spec import SweepSpec
 from harness.sweep.submissions import SubmittedJob, latest_jobs
 
@@ -96,7 +104,7 @@ def _from_scheduler(job: SubmittedJob, state: JobState | None) -> CellState:
         if job.cells == 1:
             return CellState(RUNNING_, job.job_id, described)
         return CellState(PENDING_, job.job_id, f"{described}, on another cell of its group")
-    if state.state == CANCELLED or state.state == "COMPLETED":
+    if state.state in (CANCELLED, PREEMPTED, "COMPLETED"):
         # No record: a rerun of the sweep computes it.
         return CellState(PENDING_, job.job_id, f"{described}; not run yet")
     error = log_error_line(_read_log(job.stderr))

@@ -222,3 +222,29 @@ def test_submitit_on_slurm_follows_jobs_with_squeue(tmp_path, monkeypatch):
     assert {k: j.job_id for k, j in latest_jobs(results).items()} == {
         "k0": "40_0", "k1": "40_1", "k2": "40_2", "k3": "40_3", "k4": "30_4"}
     assert latest_jobs(results)["k0"].folder == ex.folder
+
+
+def test_a_preempted_job_is_waited_for_until_requeued_or_given_up(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    import harness.sweep.executors as executors
+
+    run = RunConfig(model="m", methods=("svd",), ratios=(0.2,), results=str(tmp_path / "results"))
+    requeued, lost = Cell("k1", "m", "svd", 0.2, 0, run), Cell("k2", "m", "svd", 0.4, 0, run)
+    jobs = [FakeJob("7_0", tmp_path, [Outcome(requeued, "ok")]), FakeJob("7_1", tmp_path)]
+    # 7_0: preempted, requeued, runs again, completes; 7_1: preempted for good (PreemptMode=CANCEL).
+    timeline = iter([{"7_0": "PREEMPTED"}, {"7_0": "PENDING"}, {"7_0": "RUNNING"}, {"7_0": "COMPLETED"}])
+
+    def fake_states(ids):
+        now = next(timeline, {"7_0": "COMPLETED"})
+        if now["7_0"] == "COMPLETED":
+            jobs[0].paths.result_pickle.touch()
+        return {"7_0": JobState(now["7_0"]), "7_1": JobState("PREEMPTED")}
+
+    monkeypatch.setattr(executors, "job_states", fake_states)
+    monkeypatch.setattr(executors, "_REQUEUE_GRACE_S", 0.05)
+    spec = parse_spec(small_spec(tmp_path / "m", tmp_path / "results"))
+    outcomes = SubmititExecutor(spec.submitit, tmp_path / "results", poll_s=0.02)._follow_slurm(
+        [(jobs[0], [requeued]), (jobs[1], [lost])])
+    assert sorted((o.cell.key, o.status, o.error) for o in outcomes) == [
+        ("k1", "ok", None), ("k2", "cancelled", "job 7_1 PREEMPTED")]
+    assert not lost.path.exists()  # no failed record: the next run computes it
