@@ -1,4 +1,4 @@
-"""``svdbench sweep SPEC [--dry-run] [--retry-failed] [--executor ...] [key=value ...]``."""
+"""``svdbench sweep SPEC [--dry-run | --status] [--retry-failed] [--executor ...] [key=value ...]``."""
 
 from __future__ import annotations
 
@@ -22,23 +22,27 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="YAML sweep spec, e.g. benchmarks/reference_leaderboard.yaml")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. ratios=[0.2,0.4] calibration.samples=32")
-    p.add_argument("--dry-run", action="store_true", help="list the grid and which cells are done; load no weights")
+    show = p.add_mutually_exclusive_group()
+    show.add_argument("--dry-run", action="store_true", help="list the grid and which cells are done; load no weights")
+    show.add_argument("--status", action="store_true",
+                      help="each cell as pending, running, done or failed (records, running workers, SLURM job "
+                           "states), with failed cells' first error line; load no weights")
     p.add_argument("--retry-failed", action="store_true", help="rerun cells whose record says failed")
     p.add_argument("--executor", choices=EXECUTORS, default=None, help="default: the spec's executor (inprocess)")
     return p
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """Run (or, with ``--dry-run``, list) the cells of a sweep spec; returns the exit code."""
+    """Run (or, with ``--dry-run`` or ``--status``, list) the cells of a sweep spec; returns the exit code."""
     from harness.sweep.executors import ExecutorUnavailableError
-    from harness.sweep.run import dry_run, run_sweep
+    from harness.sweep.run import dry_run, run_sweep, status
     from harness.sweep.spec import load_spec
 
     opts = build_sweep_parser().parse_intermixed_args(args.argv)
     try:
         spec = load_spec(opts.spec, opts.overrides)
-        if opts.dry_run:
-            sys.stdout.write(dry_run(spec))
+        if opts.dry_run or opts.status:
+            sys.stdout.write(dry_run(spec) if opts.dry_run else status(spec))
             return EXIT_OK
         result = run_sweep(spec, executor=opts.executor, retry_failed=opts.retry_failed)
     except (ValueError, FileNotFoundError, KeyError, ExecutorUnavailableError) as exc:

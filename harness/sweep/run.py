@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from harness.sweep.executors import Executor, make_executor
+from harness.sweep.executors import CANCELLED_OUTCOME, Executor, make_executor
 from harness.sweep.plan import DONE, FAILED, MISSING, Cell, cell_status, format_plan, plan_cells
 from harness.sweep.spec import SweepSpec
 from harness.sweep.worker import Outcome
 
-__all__ = ["SweepResult", "dry_run", "run_sweep"]
+__all__ = ["SweepResult", "dry_run", "run_sweep", "status"]
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +38,25 @@ class SweepResult:
 
     @property
     def failed(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.status != "ok"]
+        return [o for o in self.outcomes if o.status not in ("ok", CANCELLED_OUTCOME)]
+
+    @property
+    def cancelled(self) -> list[Outcome]:
+        """Cells whose scheduler job was cancelled before they had a record (the next run computes them)."""
+        return [o for o in self.outcomes if o.status == CANCELLED_OUTCOME]
 
     @property
     def ok(self) -> bool:
         """True when every cell now has an ok record."""
-        return not self.failed and not self.skipped_failed
+        return not self.failed and not self.cancelled and not self.skipped_failed
 
     def summary(self) -> str:
         already = sum(s == DONE for s in self.before.values())
+        n_ok = len(self.outcomes) - len(self.failed) - len(self.cancelled)
         text = (f"{len(self.cells)} cell(s): {already} already done, {len(self.outcomes)} run "
-                f"({len(self.outcomes) - len(self.failed)} ok, {len(self.failed)} failed)")
+                f"({n_ok} ok, {len(self.failed)} failed)")
+        if self.cancelled:
+            text += f", {len(self.cancelled)} cancelled (no record; rerun the sweep to compute them)"
         if self.skipped_failed:
             text += f", {len(self.skipped_failed)} failed before and skipped (use --retry-failed)"
         return text
@@ -58,6 +66,13 @@ def dry_run(spec: SweepSpec) -> str:
     """The grid with each cell's status, computed from run keys without loading (or training) any weights."""
     cells = plan_cells(spec, build_references=False)
     return format_plan(spec, cells, {c.key: cell_status(c) for c in cells})
+
+
+def status(spec: SweepSpec) -> str:
+    """Each cell as pending, running, done or failed (``--status``); loads no weights."""
+    from harness.sweep.status import status_report
+
+    return status_report(spec)
 
 
 def run_sweep(spec: SweepSpec, executor: str | Executor | None = None, retry_failed: bool = False) -> SweepResult:
@@ -88,5 +103,7 @@ def run_sweep(spec: SweepSpec, executor: str | Executor | None = None, retry_fai
     result = SweepResult(cells, before, outcomes, skipped)
     for o in result.failed:
         log.error("failed: %s (record %s)", o.cell.describe(), o.cell.path)
+    for o in result.cancelled:
+        log.warning("cancelled: %s (%s)", o.cell.describe(), o.error)
     log.info("sweep %s: %s", spec.name, result.summary())
     return result

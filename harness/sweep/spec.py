@@ -151,8 +151,10 @@ def _positive(value: Any, path: str) -> int | None:
     return out
 
 
-def _one_of(choices: Sequence[str]) -> Callable[[Any, str], str]:
-    def parse(value: Any, path: str) -> str:
+def _one_of(choices: Sequence[str], optional: bool = False) -> Callable[[Any, str], str | None]:
+    def parse(value: Any, path: str) -> str | None:
+        if optional and value is None:
+            return None
         text = convert(value, str, path)
         if text not in choices:
             raise unknown("value", text, path, choices)
@@ -239,22 +241,46 @@ class EvalSpec:
     tasks: tuple[str, ...] | None = None
 
 
+def _parse_sbatch(value: Any, path: str) -> tuple[tuple[str, str | bool], ...]:
+    """Extra ``#SBATCH`` options: option name -> value (``{account: proj, qos: high}``); ``true``
+    writes a bare flag (``exclusive: true`` -> ``--exclusive``), ``false`` leaves the option out."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise SpecError(f"expected a mapping of sbatch options at {path}, got {value!r}")
+    out: list[tuple[str, str | bool]] = []
+    for key, item in value.items():
+        if item is False:
+            continue
+        if item is not True and not isinstance(item, (str, int, float)):
+            raise SpecError(f"expected a string, number or true at {path}.{key}, got {item!r}")
+        out.append((str(key), True if item is True else str(item)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SubmititSpec:
     """Settings of the ``submitit`` executor (SLURM job array, or local processes).
 
-    ``cluster``: None lets submitit pick (SLURM when ``srun`` exists, else local); ``local`` or
-    ``debug`` force those. ``folder`` defaults to ``<results>/.submitit/%j``.
+    ``cluster``: None lets submitit pick (SLURM when ``srun`` exists, else local); ``slurm``,
+    ``local`` or ``debug`` force one. ``folder`` (logs and pickles; on SLURM it must be shared by
+    the nodes) defaults to ``<results>/.submitit/%j``. ``unit``: one array task per ``cell`` (the
+    resource requests below are per cell), or per ``group`` (the cells sharing a model,
+    calibration and seed: one model load and one statistics pass, cells in sequence).
+    ``gpus_per_node: 0`` requests no GPU. ``sbatch``: extra ``#SBATCH`` options
+    (``{account: proj, qos: high, constraint: a100, exclusive: true}``).
     """
 
-    cluster: str | None = None
+    cluster: str | None = field(default=None, metadata=parse_with(_one_of(("slurm", "local", "debug"), optional=True)))
     folder: str | None = None
+    unit: str = field(default="cell", metadata=parse_with(_one_of(("cell", "group"))))
     timeout_min: int = field(default=240, metadata=parse_with(_positive))
     gpus_per_node: int = 1
     cpus_per_task: int = field(default=8, metadata=parse_with(_positive))
     mem_gb: float | None = None
     partition: str | None = None
     array_parallelism: int = field(default=16, metadata=parse_with(_positive))
+    sbatch: tuple[tuple[str, str | bool], ...] = field(default=(), metadata=parse_with(_parse_sbatch))
 
 
 @dataclass(frozen=True)

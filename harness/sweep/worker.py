@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.records import SCHEMA_VERSION, git_state, read_record, svdbench_version, write_json_atomic
+from harness.sweep.markers import clear_running, mark_running
 from harness.sweep.plan import Cell
 
 __all__ = ["DELAY_ENV", "GroupJob", "Outcome", "record_failure", "run_group"]
@@ -31,7 +32,8 @@ DELAY_ENV = "SVDBENCH_SWEEP_CELL_DELAY_S"
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened to one cell: ``status`` is ``ok`` or ``failed`` (``error`` holds the traceback)."""
+    """What happened to one cell: ``status`` is ``ok``, ``failed`` (``error`` holds the traceback) or
+    ``cancelled`` (its scheduler job was cancelled before it wrote a record)."""
 
     cell: Cell
     status: str
@@ -111,6 +113,7 @@ def run_group(cells: Sequence[Cell]) -> list[Outcome]:
     for i, cell in enumerate(cells, 1):
         log.info("cell %d/%d: %s", i, len(cells), cell.describe())
         before = _mtime(cell.path)
+        mark_running(cell)  # for --status; removed below however the cell ends
         try:
             if cell.is_dense:
                 path = session.run_dense()
@@ -130,6 +133,8 @@ def run_group(cells: Sequence[Cell]) -> list[Outcome]:
             else:
                 outcomes.append(record_failure(cell, tb))
             continue
+        finally:
+            clear_running(cell)
         if path.stem != cell.key:  # cannot happen while planner and engine share key_fields()
             log.warning("cell %s was planned as %s but recorded as %s", cell.describe(), cell.key, path.stem)
         outcomes.append(Outcome(cell, "ok"))

@@ -66,6 +66,22 @@ def test_missing_and_mistyped_values():
     assert error(raw(dtype="fp8")) == "unknown value 'fp8' at sweep.dtype; known values: auto, bfloat16, float16, float32"
 
 
+def test_submitit_section():
+    spec = parse_spec(raw(submitit={"cluster": "slurm", "unit": "group", "gpus_per_node": 0,
+                                    "sbatch": {"account": "proj", "nice": 10, "exclusive": True, "hold": False}}))
+    s = spec.submitit
+    assert (s.cluster, s.unit, s.gpus_per_node) == ("slurm", "group", 0)
+    assert s.sbatch == (("account", "proj"), ("nice", "10"), ("exclusive", True))
+    assert parse_spec(raw()).submitit.unit == "cell" and parse_spec(raw()).submitit.cluster is None
+    assert error(raw(submitit={"unit": "cells"})) == "unknown value 'cells' at sweep.submitit.unit; did you mean 'cell'?"
+    assert error(raw(submitit={"cluster": "slrum"})) == (
+        "unknown value 'slrum' at sweep.submitit.cluster; did you mean 'slurm'?"
+    )
+    assert error(raw(submitit={"sbatch": {"gres": ["gpu:1"]}})) == (
+        "expected a string, number or true at sweep.submitit.sbatch.gres, got ['gpu:1']"
+    )
+
+
 def test_bad_ratio_messages():
     assert error(raw(ratios=[0.2, 1.5])) == (
         "bad ratio 1.5 at sweep.grid.ratios[1]: must lie in (0, 1) (the fraction of parameters removed)"
