@@ -133,7 +133,7 @@ def _compress(model: nn.Module, layout: Layout, method: Method, ratio: float, so
     dense = [s for s in declared if s.stream == "dense"]
     paired = [s for s in declared if s.stream == "paired"]
     missing = source.missing(dense)
-    result.statistics.update(collected=[s.key for s in declared], cached=[s.key for s in dense if s not in missing])
+    result.statistics["collected"] = [s.key for s in declared]
     if method.allocation_uses_calibration and missing:
         source.compute(missing)  # the allocator needs every block's statistics first (counted in source.seconds)
         missing = []
@@ -179,13 +179,12 @@ def _compress(model: nn.Module, layout: Layout, method: Method, ratio: float, so
         if missing:
             source.seconds += stream_s
         result.timings_s["stream"] = stream_s
-        result.statistics["gram_product"] = report.product.mode if report.product else None
     else:
         for i in tqdm(range(layout.n_blocks), desc=f"compress {method.name}", unit="block", leave=False):
             linear, block = source.load(i, dense)
             compress_block(BlockStatistics(i, linear, block, source.groups(i)))
     result.timings_s["factorization"] = factorize_s
-    result.statistics.setdefault("gram_product", source.product.mode if source.product else None)
+    result.statistics["gram_product"] = source.product_mode()
 
 
 def compress_model(model: nn.Module, layout: Layout, method: Method, ratio: float, source: CalibrationStatistics,

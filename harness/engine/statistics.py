@@ -65,6 +65,14 @@ class CalibrationStatistics:
             out.update(self.load(i, statistics)[0])
         return out
 
+    def product_mode(self) -> str | None:
+        """The Gram product the dense statistics were accumulated with (measured in this process, or
+        read from the store's index when they came from the cache)."""
+        if self.product is not None:
+            return self.product.mode
+        index = self.store.directory(InputGram().key).index
+        return None if index is None else index.get("gram_product")
+
     # -- what is stored ----------------------------------------------------------------------------
     def missing(self, statistics: list[Statistic]) -> list[Statistic]:
         """The dense-stream statistics among ``statistics`` that are not (validly) stored."""
