@@ -23,10 +23,15 @@ cached on disk by the engine, keyed by the statistic's ``key`` (which includes i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from torch import Tensor
+
+from methods._linalg import paired_output_error
+
+if TYPE_CHECKING:
+    from methods.components import LinearStats
 
 
 class Accumulator(Protocol):
@@ -66,7 +71,11 @@ class Statistic(Protocol):
         ...
 
     def accumulator(self, n: int, device: torch.device, product: GramProduct) -> Accumulator:
-        """A fresh accumulator for inputs of width ``n`` on ``device``."""
+        """A fresh accumulator for inputs of width ``n`` on ``device``.
+
+        A statistic may also define ``report(weight, approx, stats, energy) -> dict[str, float]``:
+        facts about a compressed layer that only it can compute, added to the layer's record.
+        """
         ...
 
 
@@ -171,6 +180,11 @@ class CompressedPrefixGrams:
 
     def accumulator(self, n: int, device: torch.device, product: GramProduct) -> Accumulator:
         return _PairedAcc(n, device, product)
+
+    def report(self, weight: Tensor, approx: Tensor, stats: LinearStats, energy: float) -> dict[str, float]:
+        """The layer's error on the inputs a compressed model gives it: ``||W' Xh - W X||_F / ||W X||_F``."""
+        err = paired_output_error(weight, approx, stats.gram, stats.values["gram_hat"], stats.values["cross"])
+        return {"calib_rel_error_compressed": err / energy}
 
 
 def union(declared: list[Statistic]) -> list[Statistic]:

@@ -4,9 +4,9 @@ The statistics of one block at a time are on the compute device, and the factori
 (float64): host memory holds the model and its compressed factors, never all blocks' statistics.
 Which passes run depends on what the method declares (:meth:`methods.Method.statistics`):
 
-* dense statistics missing from the store and an allocator that needs only shapes (uniform,
-  last-layers): one fused pass computes block i's statistics, stores them, compresses block i;
-* an allocator that reads calibration statistics or probes (adaCR, KL knapsack): the missing
+* dense statistics missing from the store and an allocator that needs only shapes: one fused pass
+  computes block i's statistics, stores them, compresses block i;
+* an allocator that reads calibration statistics or probes (``uses_calibration``): the missing
   statistics are stored first, then it allocates, then each block is compressed from the store;
 * paired statistics (compressed-prefix inputs): one paired pass, compressing block i before the
   compressed stream goes through it, reading the stored dense statistics block by block;
@@ -33,7 +33,8 @@ from harness.engine.store import CorruptStoreError
 from harness.engine.stream import BlockStatistics, stream_blocks
 from harness.models import Layout, count_params, get_module, set_module
 from methods import AllocationContext, LinearStats, Method, ModuleInfo, rank_for
-from methods._linalg import output_energy, output_error, paired_output_error
+from methods._linalg import output_energy, output_error
+from methods.statistics import Statistic
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ class CompressionResult:
     Attributes:
         layers: Per target linear: name, block, kind, shape, rank (None = left dense), keep,
             params, calib_rel_error (``||(W - W')X||_F / ||W X||_F`` on dense calibration inputs),
-            and, for methods fed compressed inputs, ``calib_rel_error_compressed``
-            (``||W' Xh - W X||_F / ||W X||_F``).
+            and whatever the declared statistics report about the layer (their ``report`` hook,
+            e.g. the error on compressed-prefix inputs).
         params_dense / params_compressed: Weight parameters of the target linears before / after.
         params_model_dense / params_model_compressed: All model parameters before / after.
         numerics: Layers whose whitening needed the eigenvalue fallback, and other facts.
@@ -95,7 +96,7 @@ def allocate(method: Method, ctx: AllocationContext, ratio: float) -> dict[str, 
 
 
 def compress_linear(model: nn.Module, mod: ModuleInfo, method: Method, stats: LinearStats, keep: float,
-                    result: CompressionResult, device: torch.device) -> None:
+                    result: CompressionResult, device: torch.device, statistics: list[Statistic] | None = None) -> None:
     """Factorize and refine one target linear on ``device`` (float64) and swap in its low-rank module."""
     linear = get_module(model, mod.name)
     weight = linear.weight.detach().to(device=device, dtype=torch.float64)
@@ -114,9 +115,10 @@ def compress_linear(model: nn.Module, mod: ModuleInfo, method: Method, stats: Li
         raise FloatingPointError(f"{method.name}: non-finite factors for {mod.name}")
     energy = output_energy(weight, stats.gram)
     report.update(rank=fact.rank, params=fact.param_count(), calib_rel_error=output_error(weight, approx, stats.gram) / energy)
-    if stats.gram_hat is not None and stats.cross is not None:
-        err = paired_output_error(weight, approx, stats.gram, stats.gram_hat, stats.cross)
-        report["calib_rel_error_compressed"] = err / energy
+    for stat in statistics or ():
+        layer_report = getattr(stat, "report", None)
+        if layer_report is not None:
+            report.update(layer_report(weight, approx, stats, energy))
     if fact.info:
         report["info"] = fact.info
         if fact.info.get("whitening", "cholesky") != "cholesky":
@@ -154,7 +156,7 @@ def _compress(model: nn.Module, layout: Layout, method: Method, ratio: float, so
         nonlocal factorize_s
         t = time.perf_counter()
         for mod in layout.in_block(bs.index):
-            compress_linear(model, mod, method, bs.linear[mod.name], keeps[mod.name], result, source.device)
+            compress_linear(model, mod, method, bs.linear[mod.name], keeps[mod.name], result, source.device, declared)
         factorize_s += time.perf_counter() - t
         if bs.index == 0:
             kinds = {m.name: m.kind for m in layout.modules}
