@@ -237,8 +237,10 @@ class EvalSpec:
     seqlen: int | None = field(default=None, metadata=parse_with(_positive))
     batch_size: int = field(default=8, metadata=parse_with(_positive))
     max_windows: int | None = field(default=None, metadata=parse_with(_positive))
+    window_stride: int | None = field(default=None, metadata=parse_with(_positive))
     limit: int | None = field(default=None, metadata=parse_with(_positive))
     tasks: tuple[str, ...] | None = None
+    offload: str = "auto"
 
 
 def _parse_sbatch(value: Any, path: str) -> tuple[tuple[str, str | bool], ...]:

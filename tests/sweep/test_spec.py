@@ -48,7 +48,7 @@ def test_unknown_key_names_its_path_and_the_closest_key():
     assert error({"sweep": raw()["sweep"], "extra": 1}) == "unknown key 'extra' at top level; known keys: sweep"
     assert error({}) == "missing key 'sweep' at top level"
     assert error(raw(eval={"xyz": 1})) == (
-        "unknown key 'xyz' at sweep.eval; known keys: batch_size, limit, max_windows, seqlen, tasks"
+        "unknown key 'xyz' at sweep.eval; known keys: batch_size, limit, max_windows, offload, seqlen, tasks, window_stride"
     )
 
 
@@ -196,3 +196,12 @@ def test_shipped_ablation_spec_parses_every_variant(monkeypatch):
     # Same calibration as the reference leaderboard, so shared cells have equal run keys.
     reference = load_spec(ROOT / "benchmarks" / "reference_leaderboard.yaml")
     assert spec.calibration == reference.calibration and spec.eval == reference.eval
+
+
+def test_strided_subset_and_offload_reach_the_run_config():
+    from harness.sweep.plan import run_config
+
+    spec = parse_spec(raw(eval={"seqlen": 1024, "window_stride": 12, "offload": "always"}))
+    cfg = run_config(spec, "m", 0)
+    assert cfg.eval_window_stride == 12 and cfg.eval_offload == "always" and cfg.eval_seqlen == 1024
+    assert "positive" in error(raw(eval={"window_stride": 0}))
