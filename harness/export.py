@@ -141,6 +141,13 @@ def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Ten
     return groups
 
 
+def _readable(root: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in root.iterdir():
+        p.chmod(0o666 & ~umask)
+
+
 def export_model(
     model: nn.Module,
     tokenizer: Any,
@@ -195,7 +202,10 @@ def export_model(
         names = (["model.safetensors"] if len(groups) == 1
                  else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
         for fname, group in zip(names, groups, strict=True):
-            save_file(group, str(tmp / fname), metadata={"format": "pt", "svdbench_format": FORMAT})
+            # One metadata entry only: safetensors writes a map's entries in hash order, and the
+            # bytes (hence the checksums) of an export of the same model must not change.
+            save_file(group, str(tmp / fname), metadata={"format": "pt"})
+        _readable(tmp)  # safetensors creates its files 0600; a shared export follows the umask
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -356,7 +366,7 @@ def load_compressed(
 
     Args:
         path: The export directory.
-        device: Where the model ends up (tensors are read on the CPU first).
+        device: Where the model runs; stored tensors are read straight onto it.
         dtype: Cast floating tensors to this dtype after loading (None: as stored).
         checksums: Verify every file's SHA-256 (sizes are always checked).
 
@@ -396,7 +406,7 @@ def load_compressed(
     state: dict[str, Tensor] = {}
     for fname in manifest["weights"]:
         try:
-            state.update(load_file(str(root / fname), device="cpu"))
+            state.update(load_file(str(root / fname), device=str(torch.device(device))))
         except SafetensorError as exc:
             raise ExportError(f"{root}: cannot read {fname}: {exc}") from exc
     expected = set(model.state_dict().keys())
