@@ -31,7 +31,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -317,6 +317,52 @@ def measure(model: nn.Module, device: torch.device, proto: EfficiencyProtocol,
         "loadavg": {"before": load_before, "after": _loadavg()},
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def measure_interleaved(
+    model: nn.Module,
+    variants: Mapping[str, Mapping[str, nn.Module]],
+    device: torch.device,
+    proto: EfficiencyProtocol,
+    clock: Clock | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Trials of several module sets on one model, interleaved (a cross-check of the per-run protocol).
+
+    Each round runs one trial of every variant, starting one variant later than the round
+    before, so a change of machine load hits every variant alike instead of whichever ran during
+    it. ``warmup`` rounds are discarded and ``repeats`` kept.
+
+    Args:
+        model: The model; its target linears are swapped in place.
+        variants: ``{variant: {module name: module}}``, e.g. the dense linears and the
+            replacement modules of each ratio (all on ``device``).
+        device: Where the model runs.
+        proto: Lengths, batch, warm-up and repeats.
+        clock: Time source (tests pass a fake one).
+
+    Returns:
+        ``{variant: {"prefill_s": [...], "decode_s": [...]}}``; the model is left with the first
+        variant's modules.
+    """
+    from harness.models import set_module
+
+    clock = clock or Clock.for_device(device)
+    names = list(variants)
+    ids = torch.randint(0, int(model.config.vocab_size), (proto.batch, proto.prefill),
+                        generator=torch.Generator().manual_seed(proto.seed)).to(device)
+    kept: dict[str, dict[str, list[float]]] = {v: {"prefill_s": [], "decode_s": []} for v in names}
+    for r in range(proto.warmup + proto.repeats):
+        for i in range(len(names)):
+            variant = names[(r + i) % len(names)]
+            for name, module in variants[variant].items():
+                set_module(model, name, module)
+            prefill_s, decode_s = generation_trial(model, ids, proto.decode, clock)
+            if r >= proto.warmup:
+                kept[variant]["prefill_s"].append(prefill_s)
+                kept[variant]["decode_s"].append(decode_s)
+    for name, module in variants[names[0]].items():
+        set_module(model, name, module)
+    return kept
 
 
 def compare(dense: dict[str, Any], compressed: dict[str, Any], proto: EfficiencyProtocol,

@@ -84,6 +84,12 @@ def test_speedup_is_the_ratio_of_medians_with_an_interquartile_interval():
     assert noisy["speedup_low"] <= noisy["speedup"] <= noisy["speedup_high"]
 
 
+class Speed(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+
 class FakeLM(torch.nn.Module):
     """Next token = (last token + 1) % vocab; prefill costs 1 ms per token, a decode step 10 ms.
 
@@ -97,15 +103,20 @@ class FakeLM(torch.nn.Module):
         self.fake = fake
         self.steps = 0
         self.tokens: list[int] = []
+        self.speed = Speed(1.0)  # a swappable submodule: its ``factor`` scales every cost
+        self.config = SimpleNamespace(vocab_size=self.vocab)
+        self.prefills: list[float] = []
 
     def forward(self, input_ids, use_cache, cache=None, logits_to_keep=0):
         assert use_cache and logits_to_keep == 1
         if cache is None:
-            self.fake.advance(1e-3 * input_ids.numel())
+            self.prefills.append(self.speed.factor)
+            self.fake.advance(1e-3 * input_ids.numel() * self.speed.factor)
             cache = 0
+            self.steps = 0
         else:
             assert input_ids.shape == (input_ids.shape[0], 1) and cache == self.steps
-            self.fake.advance(1e-2)
+            self.fake.advance(1e-2 * self.speed.factor)
             self.steps += 1
             self.tokens.append(int(input_ids[0, 0]))
         logits = torch.nn.functional.one_hot((input_ids[:, -1:] + 1) % self.vocab, self.vocab).float()
@@ -119,6 +130,20 @@ def test_generation_trial_times_prefill_and_greedy_decode_on_the_cache():
     prefill_s, decode_s = generation_trial(lm, ids, 5, fake.clock())
     assert prefill_s == pytest.approx(8e-3) and decode_s == pytest.approx(5e-2)
     assert lm.steps == 5 and lm.tokens == [7, 8, 9, 10, 0]  # greedy continuation of the first row
+
+
+def test_interleaved_trials_rotate_the_variant_order_and_keep_repeats():
+    fake = FakeClock()
+    lm = FakeLM(fake)
+    variants = {"dense": {"speed": Speed(2.0)}, "half": {"speed": Speed(1.0)}, "quarter": {"speed": Speed(0.5)}}
+    proto = EfficiencyProtocol(batch=1, prefill=4, decode=3, warmup=1, repeats=2)
+    out = eff.measure_interleaved(lm, variants, torch.device("cpu"), proto, fake.clock())
+    # Rounds start one variant later each time: warm-up (2, 1, .5), then (1, .5, 2), (.5, 2, 1).
+    assert lm.prefills == [2.0, 1.0, 0.5, 1.0, 0.5, 2.0, 0.5, 2.0, 1.0]
+    assert out["dense"]["prefill_s"] == pytest.approx([8e-3, 8e-3])
+    assert out["quarter"]["decode_s"] == pytest.approx([1.5e-2, 1.5e-2])
+    assert speedup(out["dense"]["decode_s"], out["quarter"]["decode_s"])["speedup"] == pytest.approx(4.0)
+    assert lm.speed is variants["dense"]["speed"]  # left with the first variant
 
 
 def test_protocol_id_and_fitting_to_the_context():
