@@ -100,7 +100,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def _manifest_digest(manifest: Mapping[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
 def unique_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
