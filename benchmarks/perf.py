@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from harness.cache import cache_root
 from harness.engine.capture import capture_block_inputs
 from harness.engine.compress import compress_model, restore
 from harness.engine.offload import placement, resident, streamed_logits
@@ -123,7 +124,9 @@ def measure_rates(device: torch.device, dtype: torch.dtype, size: int) -> dict[s
         rates["device_to_host"] = host.numel() * 4 / _timed(lambda: dev.cpu(), device)
     else:
         rates["host_to_device"] = rates["device_to_host"] = host.numel() * 4 / _timed(host.clone, device)
-    with tempfile.NamedTemporaryFile(dir=os.environ.get("SVDBENCH_CACHE"), delete=True) as fh:
+    scratch = cache_root()
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=scratch, delete=True) as fh:
         payload = host.numpy().tobytes()
 
         def write() -> None:  # buffered, like the store's writes (no fsync: the page cache absorbs them)
@@ -242,7 +245,8 @@ def run_one(args: argparse.Namespace, blocks: int, device: torch.device, dtype: 
     calib = torch.randint(0, cfg["vocab_size"], (args.calib_samples, args.calib_seqlen), generator=g)
     tokens = calib.numel()
     method = parse_method("svd-llm")
-    root = Path(tempfile.mkdtemp(prefix="perf-stats-", dir=os.environ.get("SVDBENCH_CACHE")))
+    cache_root().mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="perf-stats-", dir=cache_root()))
 
     def batches():
         return capture_block_inputs(model, layout, calib, device, batch_size=args.batch_size)

@@ -6,8 +6,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from methods.method import split_method_list
+
+if TYPE_CHECKING:
+    from harness.runner import RunConfig
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -54,17 +58,30 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from harness.runner import RunConfig, run
+    from harness.runner import run
 
-    cfg = RunConfig(
+    for path in run(_run_config(args)):
+        print(path)
+    return 0
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    from harness.runner import RunConfig
+
+    return RunConfig(
         model=args.model, methods=args.method, ratios=args.ratio, evals=args.eval, calib=args.calib,
         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, eval_seqlen=args.eval_seqlen,
         eval_batch_size=args.eval_batch_size, eval_max_windows=args.eval_max_windows, limit=args.limit,
         tasks=args.tasks, seed=args.seed, device=args.device, dtype=args.dtype, results=args.results,
         eval_offload=args.eval_offload, eval_window_stride=args.eval_window_stride, svd_driver=args.svd_driver,
+        export=getattr(args, "export", None),
     )
-    for path in run(cfg):
-        print(path)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from harness.export import export_from_config
+
+    print(export_from_config(_run_config(args), args.out))
     return 0
 
 
@@ -107,7 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="compress a model with methods at ratios and evaluate; one JSON record per cell")
     add_run_arguments(p)
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="also export each compressed cell to DIR/<run key> (loadable with harness.export.load_compressed)")
     p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("export", help="compress a model with one method at one ratio and export it as a loadable directory")
+    add_run_arguments(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="export directory (must not exist or be empty)")
+    p.set_defaults(func=_cmd_export)
     p = sub.add_parser("spectra", help="dump plain and whitened singular-value spectra of every target linear (JSON)")
     add_model_arguments(p)
     p.add_argument("--ratio", type=float, default=None, help="also record the rank kept at this ratio")

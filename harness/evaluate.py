@@ -92,6 +92,24 @@ REFERENCES["embed-fidelity"] = _embed_reference
 PREFLIGHT["embed-fidelity"] = PREFLIGHT["wikitext2"]
 
 
+def _efficiency(model: nn.Module, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
+    from harness.efficiency import efficiency
+
+    return efficiency(model, s.cache, s.device)
+
+
+def _efficiency_reference(model: nn.Module, tokenizer: Any, s: EvalSettings) -> None:
+    from harness.efficiency import efficiency_reference
+
+    efficiency_reference(model, s.cache, s.device)
+
+
+# Speed and bytes against the dense model, measured once per run (harness/efficiency.py).
+EVALUATIONS.register("efficiency", _efficiency)
+REFERENCES["efficiency"] = _efficiency_reference
+CAUSAL_ONLY.add("efficiency")
+
+
 def compute_references(names: list[str], model: nn.Module, tokenizer: Any, settings: EvalSettings) -> None:
     """Dense-model references of the named evaluations (no-op for those without one)."""
     model.eval()

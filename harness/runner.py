@@ -77,6 +77,7 @@ class RunConfig:
     eval_offload: str = "auto"  # auto, never or always: evaluation streams blocks when the model does not fit
     eval_window_stride: int | None = None  # perplexity on every k-th window (a named subset protocol)
     svd_driver: str | None = None  # top-k routine of the factorizers (None: gram-eigh on CUDA, svd on the CPU)
+    export: str | None = None  # directory: each compressed cell is also exported to <export>/<run key>
 
 
 def resolve_device(name: str) -> torch.device:
@@ -344,6 +345,10 @@ class Session:
         path = self.results / f"{key}.json"
         if (rec := read_record(path)) and rec.get("status") == "ok":
             log.info("cell done already: %s @ %.2f -> %s", method.name, ratio, path)
+            if self.cfg.export:
+                from harness.export import compress_and_export
+
+                compress_and_export(self, method, ratio)  # no-op when the cell's export exists
             return path
         base = {
             **self._base_record(key),
@@ -365,6 +370,10 @@ class Session:
         compress_s = time.perf_counter() - t0
         try:
             metrics, eval_s = self._evaluate()
+            if self.cfg.export:
+                from harness.export import export_cell
+
+                export_cell(self, method, ratio, key, result)
         except Exception:
             write_json_atomic(path, {**base, "status": "failed", "error": traceback.format_exc()})
             raise

@@ -146,6 +146,34 @@ class ColumnPreservingLowRank(nn.Module):
             self.columns.weight.copy_(columns)
         self.lowrank = LowRankLinear(a, b, bias)
 
+    @classmethod
+    def from_shape(
+        cls,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        n_columns: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> ColumnPreservingLowRank:
+        """An uninitialised module of the given shape, to load a state dict into.
+
+        Shapes: ``columns.weight: (out, c)``, ``lowrank`` rank ``r'`` on ``in - c`` inputs,
+        ``kept_idx: (c,)`` and ``rest_idx: (in - c,)`` int64 buffers. ``device="meta"`` allocates
+        nothing (see :meth:`LowRankLinear.from_shape`).
+        """
+        if not 0 < n_columns < in_features:
+            raise ValueError(f"need 0 < n_columns < in_features, got {n_columns} of {in_features}")
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        mod.in_features, mod.out_features, mod.rank, mod.n_columns = in_features, out_features, rank, n_columns
+        mod.register_buffer("kept_idx", torch.empty(n_columns, dtype=torch.long, device=device))
+        mod.register_buffer("rest_idx", torch.empty(in_features - n_columns, dtype=torch.long, device=device))
+        mod.columns = nn.Linear(n_columns, out_features, bias=False, device=device, dtype=dtype)
+        mod.lowrank = LowRankLinear.from_shape(in_features - n_columns, out_features, rank, bias, device, dtype)
+        return mod
+
     def forward(self, x: Tensor) -> Tensor:
         return self.columns(x.index_select(-1, self.kept_idx)) + self.lowrank(x.index_select(-1, self.rest_idx))
 

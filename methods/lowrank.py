@@ -33,14 +33,51 @@ class LowRankLinear(nn.Module):
         rank_b, in_f = b.shape
         if rank != rank_b:
             raise ValueError(f"factor ranks differ: A {tuple(a.shape)}, B {tuple(b.shape)}")
-        self.in_features, self.out_features, self.rank = in_f, out_f, rank
-        self.first = nn.Linear(in_f, rank, bias=False, device=b.device, dtype=b.dtype)
-        self.second = nn.Linear(rank, out_f, bias=bias is not None, device=a.device, dtype=a.dtype)
+        self._build(in_f, out_f, rank, bias is not None, b.device, b.dtype)
+        # A's device and dtype win for the second factor (the engine passes both alike).
+        self.second.to(device=a.device, dtype=a.dtype)
         with torch.no_grad():
             self.first.weight.copy_(b)
             self.second.weight.copy_(a)
             if bias is not None:
                 self.second.bias.copy_(bias)
+
+    @classmethod
+    def from_shape(
+        cls,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> LowRankLinear:
+        """An uninitialised module of the given shape, to load a state dict into.
+
+        ``device="meta"`` allocates nothing (loading with ``load_state_dict(..., assign=True)``
+        then adopts the stored tensors), so a compressed checkpoint is rebuilt without ever
+        materialising the dense weights.
+
+        Args:
+            in_features: ``n``.
+            out_features: ``m``.
+            rank: ``k``; ``first.weight: (k, n)``, ``second.weight: (m, k)``.
+            bias: Whether ``second`` has a bias ``(m,)``.
+            device: Where to allocate (``"meta"`` for none).
+            dtype: Parameter dtype.
+        """
+        if min(in_features, out_features, rank) < 1:
+            raise ValueError(f"need positive sizes, got in={in_features}, out={out_features}, rank={rank}")
+        mod = cls.__new__(cls)
+        nn.Module.__init__(mod)
+        mod._build(in_features, out_features, rank, bias, device, dtype)
+        return mod
+
+    def _build(self, in_f: int, out_f: int, rank: int, bias: bool, device: torch.device | str | None,
+               dtype: torch.dtype | None) -> None:
+        self.in_features, self.out_features, self.rank = in_f, out_f, rank
+        self.first = nn.Linear(in_f, rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(rank, out_f, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.first(x))

@@ -127,6 +127,23 @@ def _build_registry() -> tuple[dict[str, MetricSpec], dict[str, str]]:
         specs[key] = MetricSpec(key, label, hib, "score")
         aliases[field] = key
     aliases["embed-fidelity"] = aliases["embed"] = "embed-fidelity.mean_cos"
+    # Efficiency (harness/efficiency.py): speed-ups over the dense model of the same run, stored
+    # bytes and prefill peak memory; absolute tokens/s are recorded on GPUs only.
+    for field, label, hib, kind in (
+        ("prefill.speedup", "Prefill ×", True, "score"),
+        ("decode.speedup", "Decode ×", True, "score"),
+        ("weight_bytes.model", "Weight bytes", False, "count"),
+        ("weight_bytes.targets", "Target bytes", False, "count"),
+        ("weight_bytes.model_ratio", "Bytes / dense", False, "score"),
+        ("peak_prefill_bytes.total", "Prefill peak bytes", False, "count"),
+        ("prefill.tokens_per_s", "Prefill tok/s", True, "score"),
+        ("decode.tokens_per_s", "Decode tok/s", True, "score"),
+    ):
+        key = f"efficiency.{field}"
+        specs[key] = MetricSpec(key, label, hib, kind)
+    aliases["efficiency"] = aliases["decode_speedup"] = "efficiency.decode.speedup"
+    aliases["prefill_speedup"] = "efficiency.prefill.speedup"
+    aliases["weight_bytes"] = "efficiency.weight_bytes.model"
     return specs, aliases
 
 

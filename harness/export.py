@@ -1,0 +1,520 @@
+"""Compressed models as shareable directories: write, verify and load them back exactly.
+
+An export directory holds
+
+* ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` shards): the compressed model's
+  state dict, i.e. the low-rank factors (``<linear>.first.weight: (k, n)``,
+  ``<linear>.second.weight: (m, k)`` and the bias), for column-preserving layers also
+  ``<linear>.columns.weight`` and the int64 ``kept_idx`` / ``rest_idx`` buffers, and every tensor
+  the method left dense (embeddings, norms, head). Tied tensors are stored once;
+* the tokenizer files and the base model's ``config.json`` (unchanged: the skeleton is built from it);
+* ``svdbench.json`` (:data:`MANIFEST`): the format version, which module is replaced by which class
+  at which rank, the tied aliases, the method's name and full config, the ratio, the record's run
+  key, parameter counts, and the size and SHA-256 of every other file.
+
+:func:`load_compressed` rebuilds the model from the directory alone: it checks every file against
+the manifest (a truncated or edited file is refused with an :class:`ExportError` naming it), builds
+the skeleton from the config with its parameters on the meta device (no dense weights are ever
+allocated), swaps in the recorded modules at the recorded shapes, and adopts the stored tensors.
+The loaded model computes bit-identical logits to the in-memory compressed one (same modules, same
+tensors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from methods.column_preserving import ColumnPreservingLowRank
+from methods.lowrank import LowRankLinear
+
+log = logging.getLogger(__name__)
+
+FORMAT = "svdbench-lowrank"
+FORMAT_VERSION = 1
+MANIFEST = "svdbench.json"
+DEFAULT_SHARD_BYTES = 4 << 30  # shards at 4 GiB, as the hub does for large checkpoints
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModel")
+
+
+class ExportError(ValueError):
+    """An export directory that cannot be written or loaded (missing, truncated, edited, unknown format)."""
+
+
+# -- module specs ---------------------------------------------------------------------------------
+
+def module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The replacement modules of ``model``: ``{dotted name: spec}`` in model order.
+
+    A spec holds ``class``, ``in_features``, ``out_features``, ``rank``, ``bias`` and, for a
+    column-preserving layer, ``n_columns``: everything :func:`build_module` needs. The low-rank
+    part inside a column-preserving layer is part of its spec, not an entry of its own.
+    """
+    specs: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, ColumnPreservingLowRank):
+            specs[name] = {"class": "ColumnPreservingLowRank", "in_features": mod.in_features,
+                           "out_features": mod.out_features, "rank": int(mod.rank), "n_columns": int(mod.n_columns),
+                           "bias": mod.lowrank.second.bias is not None}
+        elif isinstance(mod, LowRankLinear) and not any(name.startswith(f"{p}.") for p in specs):
+            specs[name] = {"class": "LowRankLinear", "in_features": mod.in_features, "out_features": mod.out_features,
+                           "rank": int(mod.rank), "bias": mod.second.bias is not None}
+    return specs
+
+
+def build_module(spec: Mapping[str, Any], device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> nn.Module:
+    """An uninitialised replacement module of the shape ``spec`` describes (see :func:`module_specs`)."""
+    cls = spec.get("class")
+    try:
+        shape = (int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]))
+        if cls == "LowRankLinear":
+            return LowRankLinear.from_shape(*shape, bool(spec["bias"]), device, dtype)
+        if cls == "ColumnPreservingLowRank":
+            return ColumnPreservingLowRank.from_shape(*shape, int(spec["n_columns"]), bool(spec["bias"]), device, dtype)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"malformed module spec {dict(spec)}: {exc}") from exc
+    raise ExportError(f"unknown module class {cls!r} (this svdbench knows LowRankLinear, ColumnPreservingLowRank)")
+
+
+# -- writing ----------------------------------------------------------------------------------------
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest_digest(manifest: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def unique_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The state dict with every tensor stored once: ``(tensors, aliases)``.
+
+    Tied weights (e.g. ``lm_head.weight`` and the input embedding) are the same tensor under two
+    names; safetensors refuses shared storage, and storing both would double the head's bytes.
+    ``aliases`` maps each dropped name to the kept one, so the loader can tie them again.
+    """
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        t = t.detach()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() > 0 and ident in seen:
+            aliases[name] = seen[ident]
+            continue
+        seen[ident] = name
+        t = t.to("cpu")
+        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.contiguous().clone()  # a view into a larger storage: safetensors refuses shared memory
+        tensors[name] = t
+    return tensors, aliases
+
+
+def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:
+    """Split ``tensors`` greedily, in order, into groups of at most ``max_bytes`` (one oversize tensor alone)."""
+    groups: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += nbytes
+    return groups
+
+
+def _readable(root: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in root.iterdir():
+        p.chmod(0o666 & ~umask)
+
+
+def export_model(
+    model: nn.Module,
+    tokenizer: Any,
+    out: Path | str,
+    *,
+    method: Mapping[str, Any],
+    ratio: float | None = None,
+    run_key: str | None = None,
+    base_model: Mapping[str, Any] | None = None,
+    compression: Mapping[str, Any] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write the (compressed, in-memory) ``model`` and its tokenizer as an export directory.
+
+    The directory is assembled under a temporary name beside ``out`` and renamed into place, so
+    ``out`` is either absent or complete.
+
+    Args:
+        model: The compressed model (modules replaced by :class:`LowRankLinear` /
+            :class:`ColumnPreservingLowRank`); any device and dtype.
+        tokenizer: Its tokenizer (``save_pretrained``).
+        out: Target directory; must not exist or be empty.
+        method: ``{"name": ..., "config": ...}`` as in the record.
+        ratio: Requested ratio.
+        run_key: The run key of the record this model belongs to.
+        base_model: The record's ``model`` block (id, revision, content hash).
+        compression: Achieved ratios, parameter counts and per-layer ranks
+            (:func:`compression_summary`).
+        max_shard_bytes: Largest weight file.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ExportError: when ``out`` exists and is not empty.
+    """
+    from safetensors.torch import save_file
+
+    from harness.models import is_encoder_config
+    from harness.records import git_state, svdbench_version
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"export directory {out} exists and is not empty; remove it or choose another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tensors, aliases = unique_state(model)
+        groups = _shards(tensors, max_shard_bytes)
+        names = (["model.safetensors"] if len(groups) == 1
+                 else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+        for fname, group in zip(names, groups, strict=True):
+            # One metadata entry only: safetensors writes a map's entries in hash order, and the
+            # bytes (hence the checksums) of an export of the same model must not change.
+            save_file(group, str(tmp / fname), metadata={"format": "pt"})
+        _readable(tmp)  # safetensors creates its files 0600; a shared export follows the umask
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        elements: dict[str, int] = {}
+        for t in tensors.values():
+            key = str(t.dtype).removeprefix("torch.")
+            elements[key] = elements.get(key, 0) + t.numel()
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "svdbench_version": svdbench_version(),
+            "git_sha": git_state()["git_sha"],
+            "torch": torch.__version__,
+            "auto_class": AUTO_CLASSES[1] if is_encoder_config(model.config) else AUTO_CLASSES[0],
+            "architecture": type(model).__name__,
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "base_model": dict(base_model or {}),
+            "method": dict(method),
+            "ratio": ratio,
+            "run_key": run_key,
+            "compression": dict(compression or {}),
+            "modules": module_specs(model),
+            "tied": aliases,
+            "weights": names,
+            "tensor_elements": elements,
+            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                      for p in sorted(tmp.iterdir()) if p.is_file()},
+        }
+        manifest["digest"] = _manifest_digest(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
+        if out.exists():
+            out.rmdir()  # empty (checked above); os.replace cannot rename over a directory
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (%d replaced modules, %.1f MB of tensors) to %s", manifest["method"].get("name"),
+             len(manifest["modules"]), manifest["tensor_bytes"] / 1e6, out)
+    return out
+
+
+def compression_summary(result: Any) -> dict[str, Any]:
+    """The export's ``compression`` block from a :class:`harness.engine.compress.CompressionResult`."""
+    keep = ("name", "shape", "rank", "keep", "params")
+    return {
+        "achieved_ratio": result.achieved_ratio,
+        "achieved_ratio_model": result.achieved_ratio_model,
+        "params_dense": result.params_dense,
+        "params_compressed": result.params_compressed,
+        "params_model_dense": result.params_model_dense,
+        "params_model_compressed": result.params_model_compressed,
+        "layers": [{k: layer.get(k) for k in keep} for layer in result.layers],
+    }
+
+
+# -- verifying and loading ----------------------------------------------------------------------
+
+def read_manifest(path: Path | str) -> dict[str, Any]:
+    """The manifest of the export at ``path``, checked for format, version and its own digest.
+
+    Raises:
+        ExportError: when it is missing, not JSON (e.g. truncated), of another format or version,
+            or edited after export.
+    """
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise ExportError(f"{path} is not an svdbench export: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{file} is not valid JSON (truncated or edited?): {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{file} is not an {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{file} has format version {manifest.get('format_version')!r}; this svdbench reads "
+                          f"version {FORMAT_VERSION}")
+    if manifest.get("digest") != _manifest_digest(manifest):
+        raise ExportError(f"{file} was changed after export (its digest does not match its content)")
+    return manifest
+
+
+def verify_export(path: Path | str, checksums: bool = True) -> dict[str, Any]:
+    """Check every file the manifest lists: present, of the recorded size and (``checksums``) SHA-256.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ExportError: naming the first missing, truncated, grown or altered file.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    files = manifest.get("files") or {}
+    for name in manifest.get("weights") or []:
+        if name not in files:
+            raise ExportError(f"{root}: weight file {name} has no checksum in {MANIFEST}")
+    for name, meta in files.items():
+        file = root / name
+        if Path(name).name != name:
+            raise ExportError(f"{root}: {MANIFEST} lists a file outside the export: {name!r}")
+        if not file.is_file():
+            raise ExportError(f"{root}: {name} is missing")
+        size = file.stat().st_size
+        if size != meta["bytes"]:
+            what = "truncated" if size < meta["bytes"] else "longer than exported"
+            raise ExportError(f"{root}: {name} is {what}: {size} bytes, the export wrote {meta['bytes']}")
+        if checksums and sha256_file(file) != meta["sha256"]:
+            raise ExportError(f"{root}: {name} does not match its SHA-256 in {MANIFEST} (corrupted or edited)")
+    return manifest
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create every new ``nn.Parameter`` on the meta device; buffers stay real.
+
+    Buffers must stay real because models compute some in ``__init__`` and never store them
+    (rotary ``inv_freq`` tables are non-persistent); parameters all come from the export.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value)
+    else:
+        owner._buffers[leaf] = value
+
+
+def _get_tensor(model: nn.Module, name: str) -> Tensor:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    return owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+
+
+def load_compressed(
+    path: Path | str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    checksums: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Rebuild an exported compressed model from its directory alone.
+
+    Args:
+        path: The export directory.
+        device: Where the model runs; stored tensors are read straight onto it.
+        dtype: Cast floating tensors to this dtype after loading (None: as stored).
+        checksums: Verify every file's SHA-256 (sizes are always checked).
+
+    Returns:
+        ``(model in eval mode, tokenizer)``; ``model.svdbench_export`` holds the manifest.
+
+    Raises:
+        ExportError: for a missing, truncated or edited file, an unknown format, or tensors that do
+            not fit the recorded modules.
+    """
+    import transformers
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from harness.models import set_module
+
+    root = Path(path)
+    manifest = verify_export(root, checksums=checksums)
+    auto = manifest.get("auto_class")
+    if auto not in AUTO_CLASSES:
+        raise ExportError(f"{root}: unknown auto_class {auto!r} in {MANIFEST}")
+    config = AutoConfig.from_pretrained(root)
+    kwargs = {"attn_implementation": manifest["attn_implementation"]} if manifest.get("attn_implementation") else {}
+    with parameters_on_meta():
+        model = getattr(transformers, auto).from_config(config, **kwargs)
+    for name, spec in manifest["modules"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ExportError(f"{root}: the config's model has no module {name!r}") from exc
+        new = build_module(spec, device="meta")
+        if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != (new.in_features, new.out_features):
+            raise ExportError(f"{root}: module {name} is {old!r} in the config's model, not a linear of "
+                              f"{new.in_features} -> {new.out_features}")
+        set_module(model, name, new)
+    state: dict[str, Tensor] = {}
+    for fname in manifest["weights"]:
+        try:
+            state.update(load_file(str(root / fname), device=str(torch.device(device))))
+        except SafetensorError as exc:
+            raise ExportError(f"{root}: cannot read {fname}: {exc}") from exc
+    expected = set(model.state_dict().keys())
+    tied = manifest.get("tied") or {}
+    missing = sorted(expected - set(state) - set(tied))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ExportError(f"{root}: tensors do not fit the recorded model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{root}: tensors do not fit the recorded module shapes: {exc}") from exc
+    for alias, source in tied.items():
+        _set_tensor(model, alias, _get_tensor(model, source))
+    left = [n for n, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+            if t.device.type == "meta"]
+    if left:
+        raise ExportError(f"{root}: no stored values for {left[:5]}")
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.to(device)
+    model.eval()
+    model.svdbench_export = manifest
+    tokenizer = AutoTokenizer.from_pretrained(root)
+    return model, tokenizer
+
+
+# -- engine glue: export a runner cell ----------------------------------------------------------
+
+def export_is_complete(out: Path, run_key: str) -> bool:
+    """Whether ``out`` already holds a complete export of the cell ``run_key`` (sizes checked, not hashes)."""
+    if not (out / MANIFEST).is_file():
+        return False
+    try:
+        return verify_export(out, checksums=False).get("run_key") == run_key
+    except ExportError:
+        return False
+
+
+def export_cell(session: Any, method: Any, ratio: float, key: str, result: Any) -> Path:
+    """Export the session's model, compressed right now for cell ``key``, to ``<--export>/<key>``.
+
+    An existing complete export of the same cell is kept (a re-run resumes).
+
+    Args:
+        session: :class:`harness.runner.Session` whose model is compressed.
+        method: The :class:`methods.Method`.
+        ratio: Requested ratio.
+        key: The cell's run key (also the directory name).
+        result: The cell's :class:`harness.engine.compress.CompressionResult`.
+    """
+    out = Path(session.cfg.export) / key
+    if export_is_complete(out, key):
+        log.info("export exists: %s", out)
+        return out
+    if out.exists():
+        shutil.rmtree(out)  # an export of another cell or a damaged one under this cell's name
+    return export_model(session.model, session.tokenizer, out, method={"name": method.name, "config": method.config()},
+                        ratio=ratio, run_key=key, base_model=session.model_info, compression=compression_summary(result))
+
+
+def compress_and_export(session: Any, method: Any, ratio: float, out: Path | str | None = None) -> Path:
+    """Compress the session's dense model, export it (no evaluation), restore the dense model.
+
+    Args:
+        session: A :class:`harness.runner.Session`.
+        method: The :class:`methods.Method`.
+        ratio: Fraction of target-linear parameters removed.
+        out: Target directory; default ``<session.cfg.export>/<run key>``.
+
+    Returns:
+        The export directory.
+    """
+    from harness.engine.compress import compress_model, restore
+    from harness.records import run_key
+    from harness.runner import key_fields
+
+    source = session.statistics()
+    method_block = {"name": method.name, "config": method.config()}
+    key = run_key(key_fields(session.prep, session.model_info, method_block, ratio, session.calibration.record()))
+    if out is None and export_is_complete(Path(session.cfg.export) / key, key):
+        log.info("export exists: %s", Path(session.cfg.export) / key)
+        return Path(session.cfg.export) / key
+    result = compress_model(session.model, session.layout, method, ratio, source, probes=session.probes(method))
+    try:
+        if out is None:
+            return export_cell(session, method, ratio, key, result)
+        return export_model(session.model, session.tokenizer, out, method=method_block, ratio=ratio, run_key=key,
+                            base_model=session.model_info, compression=compression_summary(result))
+    finally:
+        restore(session.model, result)
+
+
+def export_from_config(cfg: Any, out: Path | str) -> Path:
+    """``svdbench export``: compress ``cfg.model`` with its one method at its one ratio and export to ``out``.
+
+    The evaluation flags of ``cfg`` are not run; they only enter the recorded run key, so that it
+    names the record a ``svdbench run`` with the same flags writes.
+    """
+    from harness.runner import Session, prepare
+
+    if len(cfg.methods) != 1 or len(cfg.ratios) != 1:
+        raise ValueError(f"export takes one method and one ratio, got {len(cfg.methods)} and {len(cfg.ratios)}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"export directory {out} exists and is not empty; remove it or choose another")
+    prep = prepare(cfg)
+    torch.manual_seed(cfg.seed)
+    session = Session(prep)
+    return compress_and_export(session, prep.methods[0], cfg.ratios[0], out)
