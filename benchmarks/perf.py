@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import tempfile
 import threading
 import time
@@ -145,6 +146,7 @@ class Stage:
     peak_rss: int = 0
     rss_before: int = 0
     peak_device: int | None = None
+    high_water: int = 0  # the process's RSS high-water mark (ru_maxrss) at the end of the stage
     flops: float = 0.0
     flop_rate_key: str = "matmul_model_dtype"
     bytes_moved: dict[str, float] = field(default_factory=dict)  # rate key -> bytes
@@ -168,6 +170,7 @@ def stage(name: str, sampler: RssSampler, device: torch.device, out: list[Stage]
     _sync(device)
     st.seconds = time.perf_counter() - t0
     st.peak_rss = sampler.peak
+    st.high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     st.peak_device = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     out.append(st)
     log.info("%s: %.2f s, peak RSS %.2f GB", name, st.seconds, st.peak_rss / 1e9)
@@ -231,6 +234,25 @@ def build_model(shape: str, blocks: int, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
+def _stored_path(args: argparse.Namespace, model: torch.nn.Module, layout: Any, method: Any, source: CalibrationStatistics,
+                 sampler: RssSampler, device: torch.device, stages: list[Stage], cfg: dict[str, int], blocks: int,
+                 tokens: int, dtype_bytes: int) -> float:
+    """The statistics pass, then compression read back from the store; returns the allocation time."""
+    with stage("statistics", sampler, device, stages) as st:
+        source.compute([InputGram()])
+        st.flops = forward_flops(cfg, blocks, tokens, args.calib_seqlen) + gram_flops(cfg, blocks, tokens)
+        st.flop_rate_key = "matmul_float32" if source.product and source.product.mode == "float32" else "matmul_model_dtype"
+        st.bytes_moved = {"host_to_device": blocks * block_param_bytes(cfg, dtype_bytes),
+                          "device_to_host": blocks * gram_bytes(cfg), "disk_write": blocks * gram_bytes(cfg)}
+    with stage("allocation+factorization", sampler, device, stages) as st:
+        result = compress_model(model, layout, method, args.ratio, source)
+        st.flops = factorization_flops(cfg, blocks, args.ratio)
+        st.flop_rate_key = "matmul_float64"
+        st.bytes_moved = {"host_to_device": blocks * (gram_bytes(cfg) + block_param_bytes(cfg, dtype_bytes))}
+    restore(model, result)
+    return result.timings_s.get("allocation", 0.0)
+
+
 def run_one(args: argparse.Namespace, blocks: int, device: torch.device, dtype: torch.dtype,
             rates: dict[str, float], sampler: RssSampler) -> dict[str, Any]:
     cfg = SHAPES[args.shape]
@@ -255,20 +277,10 @@ def run_one(args: argparse.Namespace, blocks: int, device: torch.device, dtype: 
         captured = batches()
         st.bytes_moved = {"host_to_device": tokens * cfg["hidden_size"] * dtype_bytes}
     del captured
+    alloc_s = 0.0
     source = CalibrationStatistics.in_directory(model, layout, batches, device, root / "warm")
-    with stage("statistics", sampler, device, stages) as st:
-        source.compute([InputGram()])
-        st.flops = forward_flops(cfg, blocks, tokens, args.calib_seqlen) + gram_flops(cfg, blocks, tokens)
-        st.flop_rate_key = "matmul_float32" if source.product and source.product.mode == "float32" else "matmul_model_dtype"
-        st.bytes_moved = {"host_to_device": blocks * block_param_bytes(cfg, dtype_bytes),
-                          "device_to_host": blocks * gram_bytes(cfg), "disk_write": blocks * gram_bytes(cfg)}
-    with stage("allocation+factorization", sampler, device, stages) as st:
-        result = compress_model(model, layout, method, args.ratio, source)
-        st.flops = factorization_flops(cfg, blocks, args.ratio)
-        st.flop_rate_key = "matmul_float64"
-        st.bytes_moved = {"host_to_device": blocks * (gram_bytes(cfg) + block_param_bytes(cfg, dtype_bytes))}
-    alloc_s = result.timings_s.get("allocation", 0.0)
-    restore(model, result)
+    if args.stages == "all":
+        alloc_s = _stored_path(args, model, layout, method, source, sampler, device, stages, cfg, blocks, tokens, dtype_bytes)
     fused_source = CalibrationStatistics.in_directory(model, layout, batches, device, root / "fused")
     with stage("fused statistics+compression", sampler, device, stages) as st:
         result = compress_model(model, layout, method, args.ratio, fused_source)
@@ -300,11 +312,11 @@ def run_one(args: argparse.Namespace, blocks: int, device: torch.device, dtype: 
         "rss_before_model": rss0,
         "calibration_tokens": tokens,
         "allocation_s": alloc_s,
-        "gram_product": source.product.mode if source.product else None,
+        "gram_product": fused_source.product_mode(),
         "perplexity_random_tokens": ppl["ppl"],
         "stages": [
             {"stage": s.name, "seconds": s.seconds, "peak_rss": s.peak_rss, "rss_before": s.rss_before,
-             "peak_device": s.peak_device, "flops": s.flops, "rate": s.flop_rate_key, "bytes": s.bytes_moved,
+             "peak_device": s.peak_device, "high_water_rss": s.high_water, "flops": s.flops, "rate": s.flop_rate_key, "bytes": s.bytes_moved,
              **s.floor(rates)}
             for s in stages
         ],
@@ -338,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="float16, bfloat16 or float32 (auto: float16 on cuda, float32 on cpu)")
     p.add_argument("--rate-size", type=int, default=2048, help="matrix size of the matmul-rate measurement")
+    p.add_argument("--stages", default="all", choices=("all", "fused"),
+                   help="fused: only capture, the fused statistics+compression pass and evaluation (memory scaling runs)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

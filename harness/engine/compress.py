@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from harness.engine.hostmem import release_freed_memory
 from harness.engine.statistics import CalibrationStatistics
 from harness.engine.store import CorruptStoreError
 from harness.engine.stream import BlockStatistics, stream_blocks
@@ -157,6 +158,7 @@ def _compress(model: nn.Module, layout: Layout, method: Method, ratio: float, so
         t = time.perf_counter()
         for mod in layout.in_block(bs.index):
             compress_linear(model, mod, method, bs.linear[mod.name], keeps[mod.name], result, source.device, declared)
+        release_freed_memory()  # the block's float64 temporaries: host memory stays flat across blocks
         factorize_s += time.perf_counter() - t
         if bs.index == 0:
             kinds = {m.name: m.kind for m in layout.modules}
