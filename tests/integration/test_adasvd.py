@@ -29,8 +29,8 @@ def _paired_error(model, layout, dense, batches, method: str, ratio: float) -> t
         restore(model, res)
 
 
-def test_adacomp_compressed_mode_lowers_error_against_dense_outputs(tiny_llama: Path):
-    """calib_rel_error_compressed (||W' Xh - W X|| / ||W X||) of adaComp below its tau = 0 start.
+def test_adacomp_dense_target_lowers_error_against_dense_outputs(tiny_llama: Path):
+    """calib_rel_error_compressed (||W' Xh - W X|| / ||W X||) of adaComp (target=dense) below its tau = 0 start.
 
     svd-llm does not collect paired statistics, so the fair baseline is the same refiner with
     iters=0: the whitened factors measured on the same compressed-prefix inputs.
@@ -43,8 +43,8 @@ def test_adacomp_compressed_mode_lowers_error_against_dense_outputs(tiny_llama: 
         return capture_block_inputs(model, layout, calib.input_ids, torch.device("cpu"))
 
     dense = stream_blocks(model, layout, batches(), torch.device("cpu"))
-    base, r0 = _paired_error(model, layout, dense, batches, "svd-llm+adacomp[adacomp.iters=0]", 0.6)
-    refined, r1 = _paired_error(model, layout, dense, batches, "svd-llm+adacomp[adacomp.iters=5]", 0.6)
+    base, r0 = _paired_error(model, layout, dense, batches, "svd-llm+adacomp[adacomp.iters=0,adacomp.target=dense]", 0.6)
+    refined, r1 = _paired_error(model, layout, dense, batches, "svd-llm+adacomp[adacomp.iters=5,adacomp.target=dense]", 0.6)
     assert r0 == pytest.approx(r1) and refined < base
 
 
