@@ -150,13 +150,13 @@ def test_compressed_split_interpolates_between_global_fit_and_svd_llm():
 def test_compressed_stage2_without_paired_statistics_is_a_clear_error():
     w, x, _ = _problem(6)
     with pytest.raises(ValueError, match="compressed-prefix statistics"):
-        ResidualFactorizer().factorize(w, _stats(x), 6)
+        ResidualFactorizer(split=0.5, stage2="compressed").factorize(w, _stats(x), 6)
 
 
 def test_eigen_fallback_of_compressed_gram_gives_finite_factors():
     w, x, _ = _problem(7, n=32, tokens=400)
     xh = x[:20].repeat(20, 1)  # rank-20 compressed inputs: Hh singular
-    fact = ResidualFactorizer(split=0.5).factorize(w, _stats(x, xh), 8)
+    fact = ResidualFactorizer(split=0.5, stage2="compressed").factorize(w, _stats(x, xh), 8)
     assert torch.isfinite(fact.dense()).all()
     assert fact.info["whitening_hat"] == "eigen"
 
@@ -181,14 +181,37 @@ def test_stored_parameters_equal_rank_r_svd(stage1, stage2, split):
 
 def test_split_rounding_and_needs_compressed_inputs():
     f = ResidualFactorizer(split=0.5)
-    assert f.split_ranks(7) == (4, 3) and f.split_ranks(1) == (1, 0)
-    assert ResidualFactorizer(split=0.0).split_ranks(5) == (0, 5)
-    assert f.needs_compressed_inputs
-    assert not ResidualFactorizer(stage2="plain").needs_compressed_inputs
+    assert f.split_ranks(7, 20, 30) == (4, 3) and f.split_ranks(1, 20, 30) == (1, 0)
+    assert ResidualFactorizer(split=0.0).split_ranks(5, 20, 30) == (0, 5)
+    assert not ResidualFactorizer().needs_compressed_inputs and not f.needs_compressed_inputs
+    assert ResidualFactorizer(stage2="compressed").needs_compressed_inputs
     assert not ResidualFactorizer(stage2="same").needs_compressed_inputs
 
 
-@pytest.mark.parametrize("opts", [{"split": 1.5}, {"stage1": "compressed"}, {"stage2": "fisher"}])
+@pytest.mark.parametrize("m,n,rank,r2", [(4096, 4096, 1228, 102), (11008, 4096, 900, 149), (64, 160, 20, 2),
+                                         (64, 64, 1, 0), (64, 64, 2, 1)])
+def test_default_split_is_ercsvd_beta_of_the_break_even_rank(m, n, rank, r2):
+    """r2 = floor(0.05 m n / (m + n)) (ERC-SVD), r1 = r - r2, and stage 1 keeps at least one rank."""
+    f = ResidualFactorizer()
+    assert f.beta == 0.05 and f.split is None
+    assert f.split_ranks(rank, m, n) == (rank - r2, r2)
+
+
+def test_default_factorizer_is_whitened_stage1_plus_plain_residual():
+    """The paper's reading: W1 = whitened rank-r1 truncation, R2 = weight-space rank-r2 truncation of W - W1."""
+    w, x, _ = _problem(9, m=40, n=60)
+    stats, r = _stats(x), 12
+    fact = ResidualFactorizer().factorize(w, stats, r)
+    r1, r2 = fact.info["r1"], fact.info["r2"]
+    assert (r1, r2) == (11, 1) and fact.info["stage2"] == "plain"
+    a1, b1, _ = whitened_truncate(w, whitening(stats.gram), r1)
+    a2, b2, _ = truncated_svd(w - a1 @ b1, r2)
+    assert _close(fact.dense(), a1 @ b1 + a2 @ b2)
+    a, b, _ = whitened_truncate(w, whitening(stats.gram), r)
+    assert (w - fact.dense()).norm() < (w - a @ b).norm()  # smaller weight-space truncation loss than SVD-LLM
+
+
+@pytest.mark.parametrize("opts", [{"split": 1.5}, {"beta": 1.0}, {"stage1": "compressed"}, {"stage2": "fisher"}])
 def test_bad_residual_options_are_rejected(opts):
     with pytest.raises(ValueError, match="residual"):
         build_component("factorizer", "residual", opts)
@@ -197,7 +220,8 @@ def test_bad_residual_options_are_rejected(opts):
 def test_method_compositions():
     m = parse_method("ressvd")
     assert (m.allocator.name, m.factorizer.name, m.refiner.name) == ("last-layers", "residual", "none")
-    assert m.needs_compressed_inputs
+    assert not m.needs_compressed_inputs and m.factorizer.stage2 == "plain"
+    assert parse_method("ressvd[residual.stage2=compressed]").needs_compressed_inputs
     assert parse_method("svd-llm+residual").allocator.name == "uniform"
     ll = parse_method("svd-llm+last-layers")
     assert (ll.allocator.name, ll.factorizer.name, ll.needs_compressed_inputs) == ("last-layers", "whitened", False)
