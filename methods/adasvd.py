@@ -1,8 +1,8 @@
 """AdaSVD (Li et al., arXiv 2502.01403): ``adasvd`` = adaCR + whitened + adaComp.
 
 * allocator ``adacr`` (:mod:`methods.adacr`): per-block keep ratios from block importance
-  ``1 - cos(block input, block output)``, Eq. (18)-(20) with ``trr - mrr = 0.1`` (Table 3(d)), capped
-  below break-even, parameter-weighted mean equal to the target.
+  ``1 - cos(block input, block output)``, Eq. (18)-(20) with ``trr - mrr = 0.1`` (Table 3(d)); a
+  block whose retention reaches 1 stays dense; parameter-weighted mean equal to the target.
 * factorizer ``whitened``: SVD-LLM's truncation-aware whitening of the dense Gram (Algorithm 1,
   lines 9-10: ``SVD(W S)`` then truncation), the start of adaComp.
 * refiner ``adacomp`` (:mod:`methods.adacomp`): one alternating U / V^T least-squares iteration

@@ -295,20 +295,20 @@ def test_adacr_unclipped_keeps_follow_eq_20_with_the_papers_band():
     cos = [0.55, 0.9, 0.92, 0.95, 0.93, 0.8]
     ctx = _ctx(cos, LLAMA_SHAPES)
     alloc = AdaCRAllocator()
-    assert alloc.mrr_delta == 0.1 and alloc.max_keep < 1.0
+    assert alloc.mrr_delta == 0.1 and alloc.max_keep == 1.0
     keeps = alloc.block_keeps(ctx, 0.4)
     imp = block_importance(cos)
     expected = [0.5 + i * 0.1 for i in imp]
-    assert max(expected) < alloc.max_keep
+    assert max(expected) < 1.0
     assert keeps == pytest.approx(expected, abs=1e-12)
 
 
-def test_adacr_caps_below_break_even_so_every_block_is_factored():
-    """A block whose CR would exceed 1 keeps a rank that still saves storage; max_keep=1 leaves it dense."""
+def test_adacr_block_past_break_even_stays_dense_or_is_capped_below_it():
+    """A block whose CR reaches 1 stays dense (default); max_keep=0.99 factors it at a rank that still saves."""
     cos = [0.05] + [0.97] * 15  # block 0 changes the hidden state far more than the rest (I_n ~ 9.6)
     ctx = _ctx(cos, LLAMA_SHAPES)
     total = sum(mod.params for mod in ctx.modules)
-    for alloc, dense_block0 in ((AdaCRAllocator(), False), (AdaCRAllocator(max_keep=1.0), True)):
+    for alloc, dense_block0 in ((AdaCRAllocator(), True), (AdaCRAllocator(max_keep=0.99), False)):
         keeps = alloc.allocate(ctx, 0.2)
         ranks = {mod.name: rank_for(mod.out_features, mod.in_features, keeps[mod.name]) for mod in ctx.modules}
         block0 = [ranks[mod.name] for mod in ctx.modules if mod.block == 0]
@@ -340,4 +340,4 @@ def test_registry_compositions():
     assert parse_method("adasvd[refiner.target=dense]").refiner.target == "dense"
     opt = parse_method("svd-llm+adacomp[adacomp.iters=3,adacomp.inputs=dense,adacomp.init=plain,adacomp.shrinkage=norm]")
     assert (opt.refiner.iters, opt.refiner.shrinkage) == (3, "norm") and not opt.needs_compressed_inputs
-    assert parse_method("adasvd[adacr.mrr_delta=0.05,adacr.max_keep=1.0]").allocator.max_keep == 1.0
+    assert parse_method("adasvd[adacr.mrr_delta=0.05,adacr.max_keep=0.99]").allocator.max_keep == 0.99
