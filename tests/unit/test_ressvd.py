@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -15,7 +17,12 @@ from methods._linalg import (
     whitening,
 )
 from methods.components import AllocationContext, build_component
-from methods.last_layers import LastLayersAllocator, choose_n_compressed, plan_last_layers
+from methods.last_layers import (
+    LastLayersAllocator,
+    choose_n_compressed,
+    plan_last_layers,
+    smallest_n_compressed,
+)
 from methods.ressvd import ResidualFactorizer, compressed_residual
 
 
@@ -252,33 +259,54 @@ def _achieved(mods: list[ModuleInfo], keeps: dict[str, float]) -> float:
     return 1.0 - kept / sum(m.params for m in mods)
 
 
+@pytest.mark.parametrize("fraction", [0.8, 0.5, None])
 @pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
 @pytest.mark.parametrize("widths", [None, [32, 48, 64, 96, 128, 64, 80, 112]])
-def test_last_layers_budget_and_dense_prefix(ratio, widths):
+def test_last_layers_budget_and_dense_prefix(ratio, widths, fraction):
     mods = _llama_like(8, widths=widths)
-    plan = plan_last_layers(mods, 8, ratio, cap=0.8)
-    keeps = LastLayersAllocator().allocate(AllocationContext(mods, 8), ratio)
+    plan = plan_last_layers(mods, 8, ratio, cap=0.8, fraction=fraction)
+    keeps = LastLayersAllocator(fraction=fraction).allocate(AllocationContext(mods, 8), ratio)
     assert keeps == plan.keeps
-    assert abs(_achieved(mods, keeps) - ratio) < 0.01
-    assert _achieved(mods, keeps) >= ratio - 1e-12  # never less compression than requested
+    # The achieved ratio meets the request and exceeds it by less than one rank step of one module.
+    total = sum(m.params for m in mods)
+    step = max(m.out_features + m.in_features for m in mods if m.block >= plan.first_block)
+    assert ratio - 1e-12 <= _achieved(mods, keeps) < ratio + step / total
+    assert plan.target_removed <= plan.removed < plan.target_removed + step
     for mod in mods:
         if mod.block < plan.first_block:
             assert keeps[mod.name] == 1.0 and rank_for(mod.out_features, mod.in_features, 1.0) is None
         else:
             assert rank_for(mod.out_features, mod.in_features, keeps[mod.name]) == plan.ranks[mod.name]
-    # The rule: the smallest L_c under the cap (heterogeneous blocks: the general budget equation).
+    # The budget equation with heterogeneous blocks, and the L_c rule: ceil(fraction L) or the
+    # smallest L_c under the cap, whichever is larger.
     block_params = [sum(m.params for m in mods if m.block == b) for b in range(8)]
-    total = sum(block_params)
     assert plan.block_removal == pytest.approx(ratio * total / sum(block_params[plan.first_block:]))
     assert plan.block_removal <= 0.8 + 1e-9
-    if plan.n_compressed > 1:
-        assert ratio * total / sum(block_params[plan.first_block + 1:]) > 0.8
+    smallest = smallest_n_compressed(block_params, ratio, 0.8)
+    assert plan.n_compressed == (smallest if fraction is None else max(smallest, math.ceil(fraction * 8)))
+    if smallest > 1:
+        assert ratio * total / sum(block_params[8 - smallest + 1:]) > 0.8
+
+
+def test_default_rule_compresses_the_last_80_percent_of_blocks_or_more():
+    """fraction=0.8: 24 of 30 equal blocks at 0.2 (25 % removal each); the cap takes over at high ratios."""
+    alloc = LastLayersAllocator()
+    assert (alloc.blocks, alloc.fraction, alloc.cap) == (None, 0.8, 0.8)
+    blocks = [10] * 30
+    assert [choose_n_compressed(blocks, r, 0.8, 0.8) for r in (0.1, 0.2, 0.4, 0.6, 0.7, 0.8)] == [24, 24, 24, 24, 27, 30]
+    counts = [choose_n_compressed(blocks, r / 100, 0.8, 0.8) for r in range(1, 81)]
+    assert counts == sorted(counts)  # more compression never compresses fewer blocks
+    mods = _llama_like(30)
+    plan = plan_last_layers(mods, 30, 0.2, fraction=0.8)
+    assert (plan.n_compressed, plan.first_block, plan.block_removal) == (24, 6, pytest.approx(0.25))
 
 
 def test_equal_blocks_need_ratio_times_blocks_over_cap():
-    assert choose_n_compressed([10] * 8, 0.4, 0.8) == 4
-    assert choose_n_compressed([10] * 2, 0.4, 0.8) == 1  # 0.4 * 2 == 0.8 must not fail on float round-off
-    assert choose_n_compressed([10] * 10, 0.6, 0.8) == 8
+    assert smallest_n_compressed([10] * 8, 0.4, 0.8) == 4
+    assert smallest_n_compressed([10] * 2, 0.4, 0.8) == 1  # 0.4 * 2 == 0.8 must not fail on float round-off
+    assert smallest_n_compressed([10] * 10, 0.6, 0.8) == 8
+    assert choose_n_compressed([10] * 10, 0.6, 0.8) == 8  # fraction=None: the smallest count alone
+    assert choose_n_compressed([10] * 10, 0.2, 0.8, 1.0) == 10  # fraction=1: every block (uniform)
 
 
 def test_given_number_of_blocks_is_used_and_checked():
@@ -295,6 +323,8 @@ def test_ratio_the_cap_cannot_meet_is_a_clear_error():
     mods = _llama_like(4)
     with pytest.raises(ValueError, match="cannot be met with per-block removal cap 0.8"):
         LastLayersAllocator().allocate(AllocationContext(mods, 4), 0.85)
+    with pytest.raises(ValueError, match="fraction must lie"):
+        build_component("allocator", "last-layers", {"fraction": 0.0})
     with pytest.raises(ValueError, match="cap must lie"):
         build_component("allocator", "last-layers", {"cap": 1.0})
 
