@@ -1,21 +1,36 @@
-"""adaCR: per-block keep ratios from block importance (AdaSVD, METHODS.md 4.2).
+"""adaCR: per-block keep ratios from block importance (AdaSVD, arXiv 2502.01403, Sec. 3.2).
 
-Block importance from the similarity of each decoder block's input and output hidden states
-(``AllocationContext.block_cosine``: mean over calibration tokens of ``cos(x_in, x_out)``):
+Paper: a layer's importance is the similarity of its input and output (Eq. (17)/(18)), normalised by
+its mean over layers (Eq. (19)), and mapped linearly onto a retention ratio (Eq. (20)):
 
-    I_l   = 1 - cos_l                    (importance="dissimilarity", default; ShortGPT-style)
-    I_n(l) = I_l / mean_l(I_l)           (mean 1)
-    CR_l  = mrr + I_n(l) (trr - mrr)     (retention ratio of block l; trr = 1 - ratio)
+    I_n(l) = I_l / mean_l(I_l)                    (mean 1)
+    CR_l   = mrr + I_n(l) (trr - mrr)             (trr = 1 - ratio, the target retention)
 
-so ``mean_l CR_l = trr`` and a block that changes the hidden state more keeps more parameters.
-Every target linear of block l gets keep ``CR_l``. The AdaSVD figure's importance curve is highest
-for the first and last blocks; on trained decoders those are the blocks with the lowest
-input/output cosine, hence the ``1 - cos`` sign (``importance="similarity"`` uses ``cos`` for the
-opposite hypothesis).
+so ``mean_l CR_l = trr`` and CR is the retention of the factored layer, Eq. (21)
+(``k (m + n) / (m n)``). Every target linear of decoder block l gets keep ``CR_l``.
 
-Clipping and exact budget: ``CR_l`` is clipped to ``[min_keep, max_keep]`` and then a common shift
-``c`` (``CR_l = clip(mrr + I_n(l) (trr - mrr) + c)``) is found by bisection so that the
-parameter-weighted mean keep equals trr exactly, also when blocks differ in size or some saturate.
+What the paper leaves open, and the option that records our reading (defaults in brackets):
+
+* ``importance`` [dissimilarity]: the sign. Eq. (18) names the similarity, but Figure 4 and the text
+  say the first layer is always the most important and the LLaMA curve is bowl-shaped. On trained
+  decoders the first block is the one whose output is *least* similar to its input, so ``cos`` as
+  written would make it the least important; ``1 - cos`` (ShortGPT's block influence, which the paper
+  cites as its inspiration) matches the figure. ``similarity`` uses ``cos``. The block's input/output
+  cosine is ``AllocationContext.block_cosine`` (mean over calibration tokens).
+* ``mrr_delta`` [0.1]: the band ``trr - mrr``. Table 3(d) gives Table 1's results with mrr = 0.50,
+  0.40 and 0.30 at 40 %, 50 % and 60 % compression, i.e. ``trr - mrr = 0.1`` at every ratio (0.05 at
+  60 % is worse, 53.17 against 50.33). ``mrr`` sets the absolute value instead.
+* ``max_keep`` [1.0]: Eq. (20) is unbounded above (Figure 4 has normalised importances up to 18; on
+  SmolLM2-135M block 0 gets I_n = 11.5, so CR_0 = trr + 1.05). A CR of 1 or more asks to retain at
+  least every parameter of the layer, which no factorisation does more cheaply than the dense layer
+  itself, so such a block stays dense (its storage is charged in full). ``max_keep < 1`` factors it
+  below break-even instead (Eq. (21) and Algorithm 1 describe factored layers only); that rank drops
+  about half of a square matrix's spectrum, the opposite of what Eq. (20) asks for, and measured
+  worse (:attr:`AdaCRAllocator.max_keep`). ``min_keep`` [0.05] bounds the keep below.
+* The budget: the paper does not say how the mean is kept when a ratio is clipped, nor for blocks of
+  different sizes. Here a common shift ``c`` (``CR_l = clip(mrr + I_n(l) (trr - mrr) + c)``) is found
+  by bisection so that the parameter-weighted mean keep equals trr exactly. The engine records the
+  keep and rank of every linear, so the allocation is in each result record.
 """
 
 from __future__ import annotations
@@ -100,15 +115,16 @@ def budgeted_keeps(
 @register("allocator")
 @dataclass(frozen=True)
 class AdaCRAllocator:
-    """adaCR (module docstring).
+    """adaCR (module docstring: the reading of every option and the paper passage it follows).
 
     Attributes:
-        mrr_delta: ``trr - mrr``, the half-width of the band the importance spreads the keep over
-            (keep_l = trr + (I_n(l) - 1) * mrr_delta before clipping). Default 0.1 (mrr = trr - 0.1);
-            METHODS.md reads mrr ~= trr - 0.05 off the AdaSVD figure (LLaMA-2-7B, 40 %).
+        mrr_delta: ``trr - mrr``, the band the importance spreads the keep over
+            (keep_l = trr + (I_n(l) - 1) * mrr_delta before clipping). Default 0.1 (Table 3(d)).
         mrr: Absolute minimum retention ratio; overrides ``mrr_delta`` when given.
         min_keep: Lower clip bound of a block's keep.
-        max_keep: Upper clip bound (1 = the block may stay dense).
+        max_keep: Upper clip bound (default 1: a block whose CR reaches 1 stays dense). A value
+            below 1 (e.g. 0.99) keeps every block factored at a rank that still saves storage; on
+            SmolLM2-135M at ratio 0.2 that took ``svd-llm+adacr`` from 61.2 to 73.3 perplexity.
         importance: ``dissimilarity`` (I = 1 - cos, default) or ``similarity`` (I = cos).
     """
 

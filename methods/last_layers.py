@@ -1,29 +1,44 @@
-"""Last-layers allocator (ResSVD partial-layer compression, METHODS.md 5.2).
+"""Last-layers allocator (ResSVD partial-layer compression, arXiv 2505.20112).
 
-Under a fixed overall ratio ``c`` (fraction of all target-linear parameters removed) only the last
-``L_c`` decoder blocks are compressed; earlier blocks stay dense, so no compression error enters the
-residual stream before block ``L - L_c`` and none is propagated through the early blocks.
+Paper: under a fixed overall ratio ``c`` (fraction of all target-linear parameters removed) only the
+last ``L_c`` decoder blocks are compressed; earlier blocks stay dense, so no compression error enters
+the residual stream before block ``L - L_c`` and none is propagated through the early blocks. The
+v3 revision (ERC-SVD) charges each compressed block ``c L / L_c``.
 
 Budget equation (general, heterogeneous block sizes): with ``P_b`` the target parameters of block b
 and ``S(L_c) = sum_{b >= L - L_c} P_b``, every module of a compressed block removes the same fraction
 
     c_block = c * sum_b P_b / S(L_c)        so that  sum_{b in last L_c} c_block P_b = c * sum_b P_b.
 
-(For ``L`` equal blocks this is ``c L / L_c``.) Rule for ``L_c`` when it is not given: the smallest
-``L_c`` with ``c_block <= cap``; the cap (default 0.8, i.e. every compressed module keeps at least
-20 % of its parameters) stops ranks from collapsing. A ratio that even ``L_c = L`` cannot meet
-(``c > cap``), or a given ``L_c`` that would need ``c_block > cap``, is an error raised here, before
-any factorization.
+(For ``L`` equal blocks this is ``c L / L_c``.)
+
+``L_c`` is what the paper leaves open: v1 computes it "from the overall ratio and the number of
+layers" without giving the formula, v3 searches over it with a criterion we could not read, and
+neither lists the ``L_c`` it used. Searching needs the end-to-end error of a whole plan, which no
+engine probe offers, so the rule here is explicit and recorded (defaults in brackets):
+
+* ``fraction`` [0.8]: compress the last ``ceil(fraction L)`` blocks (at 0.2 on 30 blocks: 24 blocks
+  at 25 % removal each), or more when the cap needs more. Chosen from a sweep over ``L_c`` on
+  SmolLM2-135M (``docs/methods/ressvd.md``); no paper states it.
+* ``cap`` [0.8]: no block may remove more than this fraction (ranks collapse beyond it);
+  ``L_c`` is never below the smallest count the cap allows. ``fraction=None`` selects that smallest
+  count alone (the previous rule: every compressed block then removes about ``cap``).
+* ``blocks``: an explicit ``L_c``, which overrides both.
+
+A ratio that even ``L_c = L`` cannot meet (``c > cap``), or a given ``L_c`` that would need
+``c_block > cap``, is an error raised here, before any factorization.
 
 Ranks are then set at integer precision: the floor rule ``k = floor(keep m n / (m + n))`` of every
 module, then ``+1`` rank for modules with the largest dropped fractions while the removed total stays
-at least the requested one, so the achieved ratio over all target linears matches the request to
-within one rank of one module. The keep ratio returned per module encodes that rank exactly.
+at least the requested one, so the achieved ratio over all target linears is at least the request and
+exceeds it by less than one rank step of one module. The keep ratio returned per module encodes that
+rank exactly.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,7 +73,7 @@ class LastLayersPlan:
     target_removed: float
 
 
-def choose_n_compressed(block_params: list[int], ratio: float, cap: float) -> int:
+def smallest_n_compressed(block_params: list[int], ratio: float, cap: float) -> int:
     """Smallest ``L_c`` whose per-block removal ``ratio * sum P / S(L_c)`` is at most ``cap``.
 
     Raises:
@@ -77,8 +92,21 @@ def choose_n_compressed(block_params: list[int], ratio: float, cap: float) -> in
     )
 
 
+def choose_n_compressed(block_params: list[int], ratio: float, cap: float, fraction: float | None = None) -> int:
+    """``L_c`` by the module rule: ``max(ceil(fraction L), smallest L_c under cap)`` (``fraction=None``: the latter).
+
+    Raises:
+        ValueError: when even compressing every block would need more than ``cap``.
+    """
+    lc = smallest_n_compressed(block_params, ratio, cap)
+    if fraction is None:
+        return lc
+    return max(lc, min(len(block_params), math.ceil(fraction * len(block_params) - _TOL)))
+
+
 def plan_last_layers(
-    modules: list[ModuleInfo], n_blocks: int, ratio: float, n_compressed: int | None = None, cap: float = 0.8
+    modules: list[ModuleInfo], n_blocks: int, ratio: float, n_compressed: int | None = None, cap: float = 0.8,
+    fraction: float | None = None,
 ) -> LastLayersPlan:
     """Compress only the last ``L_c`` blocks so that ``ratio`` of all target parameters is removed.
 
@@ -86,8 +114,10 @@ def plan_last_layers(
         modules: Every target linear (``block`` in ``[0, n_blocks)``).
         n_blocks: ``L``.
         ratio: Requested fraction of all target-linear parameters removed, in (0, 1).
-        n_compressed: ``L_c``, or None for the smallest allowed by ``cap``.
+        n_compressed: ``L_c``, or None for the rule of :func:`choose_n_compressed`.
         cap: Largest per-block removal fraction.
+        fraction: Share of the blocks to compress when ``n_compressed`` is None (None: the smallest
+            ``L_c`` the cap allows).
 
     Returns:
         The :class:`LastLayersPlan`.
@@ -102,7 +132,7 @@ def plan_last_layers(
         block_params[mod.block] += mod.params
     total = sum(block_params)
     if n_compressed is None:
-        lc = choose_n_compressed(block_params, ratio, cap)
+        lc = choose_n_compressed(block_params, ratio, cap, fraction)
     else:
         lc = int(n_compressed)
         if not 1 <= lc <= n_blocks:
@@ -113,7 +143,7 @@ def plan_last_layers(
     if c_block > cap + _TOL:
         raise ValueError(
             f"last-layers: compressing the last {lc} of {n_blocks} blocks at ratio {ratio} needs per-block "
-            f"removal {c_block:.3f} > cap {cap}; use more blocks (at least {choose_n_compressed(block_params, ratio, cap)}) "
+            f"removal {c_block:.3f} > cap {cap}; use more blocks (at least {smallest_n_compressed(block_params, ratio, cap)}) "
             f"or raise last-layers.cap"
         )
     target = ratio * total
@@ -153,12 +183,15 @@ class LastLayersAllocator:
     """Only the last ``L_c`` blocks are compressed, uniformly, at the overall ratio (module docstring).
 
     Attributes:
-        blocks: ``L_c``; None picks the smallest ``L_c`` allowed by ``cap``.
+        blocks: ``L_c``; None applies the rule of ``fraction`` and ``cap``.
+        fraction: Share of the decoder blocks to compress, ``L_c = ceil(fraction L)`` or more when
+            ``cap`` needs more (default 0.8; None: the smallest ``L_c`` the cap allows).
         cap: Largest fraction any compressed block (and module) may remove, in (0, 1).
     """
 
     name: ClassVar[str] = "last-layers"
     blocks: int | None = None
+    fraction: float | None = 0.8
     cap: float = 0.8
 
     def __post_init__(self) -> None:
@@ -166,7 +199,10 @@ class LastLayersAllocator:
             raise ValueError(f"last-layers.cap must lie in (0, 1), got {self.cap}")
         if self.blocks is not None and (not isinstance(self.blocks, int) or self.blocks < 1):
             raise ValueError(f"last-layers.blocks must be a positive integer or None, got {self.blocks!r}")
+        if self.fraction is not None and not 0.0 < float(self.fraction) <= 1.0:
+            raise ValueError(f"last-layers.fraction must lie in (0, 1] or be None, got {self.fraction}")
 
     def allocate(self, ctx: AllocationContext, ratio: float) -> dict[str, float]:
         """Keep ratio per module: 1.0 before the first compressed block, encoded ranks after it."""
-        return plan_last_layers(ctx.modules, ctx.n_blocks, ratio, self.blocks, float(self.cap)).keeps
+        fraction = None if self.fraction is None else float(self.fraction)
+        return plan_last_layers(ctx.modules, ctx.n_blocks, ratio, self.blocks, float(self.cap), fraction).keeps

@@ -151,6 +151,9 @@ def _stage_of(component: str) -> str:
 
 
 def _parse_value(text: str) -> Any:
+    """JSON values (``0.5``, ``true``, ``null``), Python's ``None``, else the bare string."""
+    if text == "None":
+        return None
     try:
         return json.loads(text)
     except json.JSONDecodeError:

@@ -1,22 +1,33 @@
-"""ResSVD residual compensation (METHODS.md 5.1): ``ressvd`` = last-layers allocator + residual factorizer.
+"""ResSVD residual compensation (arXiv 2505.20112): ``ressvd`` = last-layers allocator + residual factorizer.
 
-ResSVD (Bai et al., arXiv 2505.20112) splits a rank budget ``r = r1 + r2``: a rank-``r1`` truncation
-``W1`` of ``W``, then a rank-``r2`` approximation ``R2`` of the residual ``R = W - W1``, stored as one
-rank-``r`` factorisation ``[A1 A2] [B1; B2]`` (storage ``r (m + n)``, exactly that of rank-``r`` SVD).
+Paper (ResSVD, v1/v2 of arXiv 2505.20112; renamed ERC-SVD in v3): a rank budget ``r`` is split into
+an intermediate rank ``r1`` and a residual rank ``r2 = r - r1``. Stage 1 truncates W to rank ``r1``
+(``W1``), stage 2 truncates the residual ``R = W - W1`` to rank ``r2`` (``R2``), and ``W^ = W1 + R2``
+is stored as one rank-``r`` factorisation ``[A1 A2] [B1; B2]`` (storage ``r (m + n)``, exactly that
+of rank-``r`` SVD). The paper argues in the weight-space Frobenius norm ``||W - W^||_F``
+(Eckart-Young on the residual) and, following SVD-LLM, whitens W with the calibration Gram before
+the first truncation.
 
-The trap (why the stage-2 objective is an option here): if stage 2 uses the *same* metric as
-stage 1, the residual's top ``r2`` singular triplets are triplets ``r1+1 .. r`` of the first
-decomposition, so ``W1 + R2`` is the ordinary rank-``r`` truncation (Eckart-Young) and the two
-stages buy nothing. ``stage2="same"`` exists to demonstrate that (unit-tested). The residual only
-changes the result when stage 2 optimises something else:
+What the paper leaves open, and the option that records our reading (defaults in brackets):
 
-* ``plain``: weight-space SVD of ``R`` (the paper's literal reading after a whitened stage 1). It can
-  never lower the dense-input output error below SVD-LLM's at rank r, since whitened truncation is
-  already the optimum of that objective; it only trades it for weight-space error.
-* ``compressed``: fit the dense layer's output ``W X`` from the inputs ``Xh`` the layer really gets
-  once the earlier blocks are compressed (paired stream, ``LinearStats.gram_hat`` / ``.cross``);
-  derivation in :func:`compressed_residual`.
-* ``whitened``: dense-input whitening (different from stage 1 only when stage 1 is ``plain``).
+* ``stage1`` [whitened]: SVD-LLM's truncation-aware whitening of the dense inputs (the paper's
+  calibration and whitening follow SVD-LLM); ``plain`` is weight-space SVD.
+* ``stage2`` [plain]: the residual's objective. The paper truncates the weight-space residual ``R``
+  and measures the loss as ``||W - W^||_F``; after a whitened stage 1 that is a plain SVD of ``R``,
+  and it is the only reading in which the two stages differ and the paper's claim (a smaller
+  weight-space truncation loss than direct truncation at rank r) holds. The trap: if stage 2 used the
+  *same* metric as stage 1, the residual's top ``r2`` singular triplets are triplets ``r1+1 .. r`` of
+  the first decomposition and ``W1 + R2`` is the ordinary rank-``r`` truncation (Eckart-Young);
+  ``same`` exists to show that (unit-tested). ``plain`` can never lower the dense-input output error
+  below SVD-LLM's at rank r, since whitened truncation is already the optimum of that objective; it
+  trades output error for weight error. Variants: ``whitened`` (dense-input whitening; different
+  from stage 1 only when stage 1 is ``plain``) and ``compressed`` (fit the dense layer's output
+  ``W X`` from the inputs ``Xh`` the layer gets once the earlier blocks are compressed; paired
+  stream, ``LinearStats.gram_hat`` / ``.cross``; derivation in :func:`compressed_residual`). Not in
+  the paper; kept as a named variant.
+* ``beta`` [0.05] / ``split``: the rank split. The paper's v3 (ERC-SVD) sets the residual rank to
+  ``r2 = beta * m n / (m + n)`` with ``beta = 0.05`` (a fixed fraction of the break-even rank, not of
+  r) and ``r1 = r - r2``; v1/v2 give no value. ``split`` (``r1 / r``) replaces that rule when set.
 """
 
 from __future__ import annotations
@@ -40,8 +51,9 @@ STAGE1 = ("whitened", "plain")
 STAGE2 = ("compressed", "plain", "whitened", "same")
 
 
-def _empty(m: int, n: int) -> tuple[Tensor, Tensor]:
-    return torch.zeros(m, 0, dtype=torch.float64), torch.zeros(0, n, dtype=torch.float64)
+def _empty(m: int, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    return (torch.zeros(m, 0, dtype=torch.float64, device=device),
+            torch.zeros(0, n, dtype=torch.float64, device=device))
 
 
 def whiten_right_transpose(mat: Tensor, white: Whitening) -> Tensor:
@@ -101,20 +113,27 @@ class ResidualFactorizer:
     """Two-stage residual-compensated factorisation at total rank ``r`` (module docstring).
 
     Attributes:
-        split: ``r1 / r``; ``r1 = floor(split * r + 1/2)``, ``r2 = r - r1`` (0 = stage 2 only,
-            1 = stage 1 only). The paper's value is not public; 0.5 is a neutral default.
+        beta: Residual rank as a fraction of the break-even rank ``m n / (m + n)``:
+            ``r2 = min(floor(beta m n / (m + n)), r - 1)`` (default 0.05, ERC-SVD's value; stage 1
+            keeps at least one rank).
+        split: ``r1 / r``, replacing ``beta`` when given: ``r1 = floor(split * r + 1/2)``,
+            ``r2 = r - r1`` (0 = stage 2 only, 1 = stage 1 only).
         stage1: ``whitened`` (SVD-LLM, dense-input Gram) or ``plain`` (weight-space SVD).
-        stage2: ``compressed`` (compressed-prefix inputs, target ``W X``; needs the paired stream),
-            ``plain``, ``whitened`` or ``same`` (= stage 1's metric: reproduces rank-r truncation).
+        stage2: ``plain`` (weight-space SVD of the residual, default), ``whitened``, ``same``
+            (= stage 1's metric: reproduces rank-r truncation) or ``compressed`` (compressed-prefix
+            inputs, target ``W X``; needs the paired stream).
     """
 
     name: ClassVar[str] = "residual"
-    split: float = 0.5
+    beta: float = 0.05
+    split: float | None = None
     stage1: str = "whitened"
-    stage2: str = "compressed"
+    stage2: str = "plain"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.split) <= 1.0:
+        if not 0.0 <= float(self.beta) < 1.0:
+            raise ValueError(f"residual.beta must lie in [0, 1), got {self.beta}")
+        if self.split is not None and not 0.0 <= float(self.split) <= 1.0:
             raise ValueError(f"residual.split must lie in [0, 1], got {self.split}")
         if self.stage1 not in STAGE1:
             raise ValueError(f"residual.stage1 must be one of {STAGE1}, got {self.stage1!r}")
@@ -130,16 +149,20 @@ class ResidualFactorizer:
     def needs_compressed_inputs(self) -> bool:
         return self.stage2_metric == "compressed"
 
-    def split_ranks(self, rank: int) -> tuple[int, int]:
-        """``(r1, r2)`` with ``r1 + r2 = rank``."""
-        r1 = min(rank, max(0, math.floor(float(self.split) * rank + 0.5)))
-        return r1, rank - r1
+    def split_ranks(self, rank: int, m: int, n: int) -> tuple[int, int]:
+        """``(r1, r2)`` with ``r1 + r2 = rank`` for an ``(m, n)`` weight."""
+        if self.split is not None:
+            r1 = min(rank, max(0, math.floor(float(self.split) * rank + 0.5)))
+            return r1, rank - r1
+        # The small epsilon keeps exact products (0.05 * 2048 * 2048 / 4096) from flooring one short.
+        r2 = min(math.floor(float(self.beta) * m * n / (m + n) + 1e-9), max(rank - 1, 0))
+        return rank - r2, r2
 
     def factorize(self, weight: Tensor, stats: LinearStats, rank: int) -> Factorization:
         """Factors of ``W: (m, n)`` at total rank ``rank``: ``A = [A1 A2]: (m, r)``, ``B = [B1; B2]: (r, n)``."""
         w = weight.to(torch.float64)
         m, n = w.shape
-        r1, r2 = self.split_ranks(rank)
+        r1, r2 = self.split_ranks(rank, m, n)
         info: dict[str, object] = {"r1": r1, "r2": r2, "stage1": self.stage1, "stage2": self.stage2_metric}
         uses_dense_white = self.stage1 == "whitened" or self.stage2_metric == "whitened"
         white = stats.whitening() if uses_dense_white else None
@@ -151,7 +174,7 @@ class ResidualFactorizer:
         # Stage 1: rank-r1 truncation of W in stage 1's metric.
         spectrum = None
         if r1 == 0:
-            a1, b1 = _empty(m, n)
+            a1, b1 = _empty(m, n, w.device)
         elif self.stage1 == "whitened":
             a1, b1, spectrum = whitened_truncate(w, white, r1)  # type: ignore[arg-type]
         else:
@@ -161,7 +184,7 @@ class ResidualFactorizer:
         # Stage 2: rank-r2 approximation of the residual in stage 2's metric.
         metric = self.stage2_metric
         if r2 == 0:
-            a2, b2 = _empty(m, n)
+            a2, b2 = _empty(m, n, w.device)
         elif metric == "plain":
             a2, b2, _ = truncated_svd(w - w1, r2)
         elif metric == "whitened":

@@ -32,8 +32,8 @@ def _paired_error(model, layout, source, method: str, ratio: float) -> tuple[flo
         restore(model, res)
 
 
-def test_adacomp_compressed_mode_lowers_error_against_dense_outputs(tiny_llama: Path, tmp_path: Path):
-    """calib_rel_error_compressed (||W' Xh - W X|| / ||W X||) of adaComp below its tau = 0 start.
+def test_adacomp_dense_target_lowers_error_against_dense_outputs(tiny_llama: Path, tmp_path: Path):
+    """calib_rel_error_compressed (||W' Xh - W X|| / ||W X||) of adaComp (target=dense) below its tau = 0 start.
 
     svd-llm does not collect paired statistics, so the fair baseline is the same refiner with
     iters=0: the whitened factors measured on the same compressed-prefix inputs.
@@ -46,8 +46,8 @@ def test_adacomp_compressed_mode_lowers_error_against_dense_outputs(tiny_llama: 
         return capture_block_inputs(model, layout, calib.input_ids, torch.device("cpu"))
 
     source = CalibrationStatistics.in_directory(model, layout, batches, torch.device("cpu"), tmp_path)
-    base, r0 = _paired_error(model, layout, source, "svd-llm+adacomp[adacomp.iters=0]", 0.6)
-    refined, r1 = _paired_error(model, layout, source, "svd-llm+adacomp[adacomp.iters=5]", 0.6)
+    base, r0 = _paired_error(model, layout, source, "svd-llm+adacomp[adacomp.iters=0,adacomp.target=dense]", 0.6)
+    refined, r1 = _paired_error(model, layout, source, "svd-llm+adacomp[adacomp.iters=5,adacomp.target=dense]", 0.6)
     assert r0 == pytest.approx(r1) and refined < base
 
 

@@ -36,7 +36,7 @@ def _compress(setup, method: str, ratio: float):
     return compress_model(model, layout, parse_method(method), ratio, source)
 
 
-@pytest.mark.parametrize("method", ["ressvd", "svd-llm+last-layers"])
+@pytest.mark.parametrize("method", ["ressvd[last-layers.fraction=None]", "svd-llm+last-layers[last-layers.fraction=None]"])
 def test_last_layers_budget_and_bitwise_dense_prefix(setup, method):
     model, layout, *_ = setup
     before = {k: v.clone() for k, v in layout.blocks[0].state_dict().items()}
@@ -63,11 +63,11 @@ def test_ratio_the_cap_cannot_meet_fails_before_factorizing(setup):
 def test_first_compressed_block_sees_dense_inputs_so_ressvd_equals_whitened(setup):
     """Block 1 is the first compressed one: Xh = X there, the compressed stage 2 is the trap."""
     model, layout, *_ = setup
-    res = _compress(setup, "ressvd", 0.4)
+    res = _compress(setup, "ressvd[residual.stage2=compressed,residual.split=0.5,last-layers.blocks=1]", 0.4)
     dense_res = {m.name: model.get_submodule(m.name).dense_weight().detach() for m in layout.in_block(1)}
     assert all("calib_rel_error_compressed" in rep for rep in res.layers if rep["rank"] is not None)
     restore(model, res)
-    ref = _compress(setup, "svd-llm+last-layers", 0.4)
+    ref = _compress(setup, "svd-llm+last-layers[last-layers.blocks=1]", 0.4)
     try:
         for name, w in dense_res.items():
             other = model.get_submodule(name).dense_weight().detach()
@@ -81,7 +81,7 @@ def test_compressed_stage2_never_worse_than_svd_llm_on_compressed_inputs(setup):
     model, *_ = setup
     errs = {}
     for split in (0.5, 1.0):
-        result = _compress(setup, f"svd-llm+residual[residual.split={split}]", 0.4)
+        result = _compress(setup, f"svd-llm+residual[residual.split={split},residual.stage2=compressed]", 0.4)
         errs[split] = {r["name"]: r["calib_rel_error_compressed"] for r in result.layers if r["block"] == 1}
         restore(model, result)
     for name, err in errs[0.5].items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -15,7 +17,12 @@ from methods._linalg import (
     whitening,
 )
 from methods.components import AllocationContext, build_component
-from methods.last_layers import LastLayersAllocator, choose_n_compressed, plan_last_layers
+from methods.last_layers import (
+    LastLayersAllocator,
+    choose_n_compressed,
+    plan_last_layers,
+    smallest_n_compressed,
+)
 from methods.ressvd import ResidualFactorizer, compressed_residual
 
 
@@ -150,13 +157,13 @@ def test_compressed_split_interpolates_between_global_fit_and_svd_llm():
 def test_compressed_stage2_without_paired_statistics_is_a_clear_error():
     w, x, _ = _problem(6)
     with pytest.raises(ValueError, match="compressed-prefix statistics"):
-        ResidualFactorizer().factorize(w, _stats(x), 6)
+        ResidualFactorizer(split=0.5, stage2="compressed").factorize(w, _stats(x), 6)
 
 
 def test_eigen_fallback_of_compressed_gram_gives_finite_factors():
     w, x, _ = _problem(7, n=32, tokens=400)
     xh = x[:20].repeat(20, 1)  # rank-20 compressed inputs: Hh singular
-    fact = ResidualFactorizer(split=0.5).factorize(w, _stats(x, xh), 8)
+    fact = ResidualFactorizer(split=0.5, stage2="compressed").factorize(w, _stats(x, xh), 8)
     assert torch.isfinite(fact.dense()).all()
     assert fact.info["whitening_hat"] == "eigen"
 
@@ -181,14 +188,37 @@ def test_stored_parameters_equal_rank_r_svd(stage1, stage2, split):
 
 def test_split_rounding_and_needs_compressed_inputs():
     f = ResidualFactorizer(split=0.5)
-    assert f.split_ranks(7) == (4, 3) and f.split_ranks(1) == (1, 0)
-    assert ResidualFactorizer(split=0.0).split_ranks(5) == (0, 5)
-    assert f.needs_compressed_inputs
-    assert not ResidualFactorizer(stage2="plain").needs_compressed_inputs
+    assert f.split_ranks(7, 20, 30) == (4, 3) and f.split_ranks(1, 20, 30) == (1, 0)
+    assert ResidualFactorizer(split=0.0).split_ranks(5, 20, 30) == (0, 5)
+    assert not ResidualFactorizer().needs_compressed_inputs and not f.needs_compressed_inputs
+    assert ResidualFactorizer(stage2="compressed").needs_compressed_inputs
     assert not ResidualFactorizer(stage2="same").needs_compressed_inputs
 
 
-@pytest.mark.parametrize("opts", [{"split": 1.5}, {"stage1": "compressed"}, {"stage2": "fisher"}])
+@pytest.mark.parametrize("m,n,rank,r2", [(4096, 4096, 1228, 102), (11008, 4096, 900, 149), (64, 160, 20, 2),
+                                         (64, 64, 1, 0), (64, 64, 2, 1)])
+def test_default_split_is_ercsvd_beta_of_the_break_even_rank(m, n, rank, r2):
+    """r2 = floor(0.05 m n / (m + n)) (ERC-SVD), r1 = r - r2, and stage 1 keeps at least one rank."""
+    f = ResidualFactorizer()
+    assert f.beta == 0.05 and f.split is None
+    assert f.split_ranks(rank, m, n) == (rank - r2, r2)
+
+
+def test_default_factorizer_is_whitened_stage1_plus_plain_residual():
+    """The paper's reading: W1 = whitened rank-r1 truncation, R2 = weight-space rank-r2 truncation of W - W1."""
+    w, x, _ = _problem(9, m=40, n=60)
+    stats, r = _stats(x), 12
+    fact = ResidualFactorizer().factorize(w, stats, r)
+    r1, r2 = fact.info["r1"], fact.info["r2"]
+    assert (r1, r2) == (11, 1) and fact.info["stage2"] == "plain"
+    a1, b1, _ = whitened_truncate(w, whitening(stats.gram), r1)
+    a2, b2, _ = truncated_svd(w - a1 @ b1, r2)
+    assert _close(fact.dense(), a1 @ b1 + a2 @ b2)
+    a, b, _ = whitened_truncate(w, whitening(stats.gram), r)
+    assert (w - fact.dense()).norm() < (w - a @ b).norm()  # smaller weight-space truncation loss than SVD-LLM
+
+
+@pytest.mark.parametrize("opts", [{"split": 1.5}, {"beta": 1.0}, {"stage1": "compressed"}, {"stage2": "fisher"}])
 def test_bad_residual_options_are_rejected(opts):
     with pytest.raises(ValueError, match="residual"):
         build_component("factorizer", "residual", opts)
@@ -197,7 +227,8 @@ def test_bad_residual_options_are_rejected(opts):
 def test_method_compositions():
     m = parse_method("ressvd")
     assert (m.allocator.name, m.factorizer.name, m.refiner.name) == ("last-layers", "residual", "none")
-    assert m.needs_compressed_inputs
+    assert not m.needs_compressed_inputs and m.factorizer.stage2 == "plain"
+    assert parse_method("ressvd[residual.stage2=compressed]").needs_compressed_inputs
     assert parse_method("svd-llm+residual").allocator.name == "uniform"
     ll = parse_method("svd-llm+last-layers")
     assert (ll.allocator.name, ll.factorizer.name, ll.needs_compressed_inputs) == ("last-layers", "whitened", False)
@@ -228,33 +259,54 @@ def _achieved(mods: list[ModuleInfo], keeps: dict[str, float]) -> float:
     return 1.0 - kept / sum(m.params for m in mods)
 
 
+@pytest.mark.parametrize("fraction", [0.8, 0.5, None])
 @pytest.mark.parametrize("ratio", [0.2, 0.4, 0.6])
 @pytest.mark.parametrize("widths", [None, [32, 48, 64, 96, 128, 64, 80, 112]])
-def test_last_layers_budget_and_dense_prefix(ratio, widths):
+def test_last_layers_budget_and_dense_prefix(ratio, widths, fraction):
     mods = _llama_like(8, widths=widths)
-    plan = plan_last_layers(mods, 8, ratio, cap=0.8)
-    keeps = LastLayersAllocator().allocate(AllocationContext(mods, 8), ratio)
+    plan = plan_last_layers(mods, 8, ratio, cap=0.8, fraction=fraction)
+    keeps = LastLayersAllocator(fraction=fraction).allocate(AllocationContext(mods, 8), ratio)
     assert keeps == plan.keeps
-    assert abs(_achieved(mods, keeps) - ratio) < 0.01
-    assert _achieved(mods, keeps) >= ratio - 1e-12  # never less compression than requested
+    # The achieved ratio meets the request and exceeds it by less than one rank step of one module.
+    total = sum(m.params for m in mods)
+    step = max(m.out_features + m.in_features for m in mods if m.block >= plan.first_block)
+    assert ratio - 1e-12 <= _achieved(mods, keeps) < ratio + step / total
+    assert plan.target_removed <= plan.removed < plan.target_removed + step
     for mod in mods:
         if mod.block < plan.first_block:
             assert keeps[mod.name] == 1.0 and rank_for(mod.out_features, mod.in_features, 1.0) is None
         else:
             assert rank_for(mod.out_features, mod.in_features, keeps[mod.name]) == plan.ranks[mod.name]
-    # The rule: the smallest L_c under the cap (heterogeneous blocks: the general budget equation).
+    # The budget equation with heterogeneous blocks, and the L_c rule: ceil(fraction L) or the
+    # smallest L_c under the cap, whichever is larger.
     block_params = [sum(m.params for m in mods if m.block == b) for b in range(8)]
-    total = sum(block_params)
     assert plan.block_removal == pytest.approx(ratio * total / sum(block_params[plan.first_block:]))
     assert plan.block_removal <= 0.8 + 1e-9
-    if plan.n_compressed > 1:
-        assert ratio * total / sum(block_params[plan.first_block + 1:]) > 0.8
+    smallest = smallest_n_compressed(block_params, ratio, 0.8)
+    assert plan.n_compressed == (smallest if fraction is None else max(smallest, math.ceil(fraction * 8)))
+    if smallest > 1:
+        assert ratio * total / sum(block_params[8 - smallest + 1:]) > 0.8
+
+
+def test_default_rule_compresses_the_last_80_percent_of_blocks_or_more():
+    """fraction=0.8: 24 of 30 equal blocks at 0.2 (25 % removal each); the cap takes over at high ratios."""
+    alloc = LastLayersAllocator()
+    assert (alloc.blocks, alloc.fraction, alloc.cap) == (None, 0.8, 0.8)
+    blocks = [10] * 30
+    assert [choose_n_compressed(blocks, r, 0.8, 0.8) for r in (0.1, 0.2, 0.4, 0.6, 0.7, 0.8)] == [24, 24, 24, 24, 27, 30]
+    counts = [choose_n_compressed(blocks, r / 100, 0.8, 0.8) for r in range(1, 81)]
+    assert counts == sorted(counts)  # more compression never compresses fewer blocks
+    mods = _llama_like(30)
+    plan = plan_last_layers(mods, 30, 0.2, fraction=0.8)
+    assert (plan.n_compressed, plan.first_block, plan.block_removal) == (24, 6, pytest.approx(0.25))
 
 
 def test_equal_blocks_need_ratio_times_blocks_over_cap():
-    assert choose_n_compressed([10] * 8, 0.4, 0.8) == 4
-    assert choose_n_compressed([10] * 2, 0.4, 0.8) == 1  # 0.4 * 2 == 0.8 must not fail on float round-off
-    assert choose_n_compressed([10] * 10, 0.6, 0.8) == 8
+    assert smallest_n_compressed([10] * 8, 0.4, 0.8) == 4
+    assert smallest_n_compressed([10] * 2, 0.4, 0.8) == 1  # 0.4 * 2 == 0.8 must not fail on float round-off
+    assert smallest_n_compressed([10] * 10, 0.6, 0.8) == 8
+    assert choose_n_compressed([10] * 10, 0.6, 0.8) == 8  # fraction=None: the smallest count alone
+    assert choose_n_compressed([10] * 10, 0.2, 0.8, 1.0) == 10  # fraction=1: every block (uniform)
 
 
 def test_given_number_of_blocks_is_used_and_checked():
@@ -271,6 +323,8 @@ def test_ratio_the_cap_cannot_meet_is_a_clear_error():
     mods = _llama_like(4)
     with pytest.raises(ValueError, match="cannot be met with per-block removal cap 0.8"):
         LastLayersAllocator().allocate(AllocationContext(mods, 4), 0.85)
+    with pytest.raises(ValueError, match="fraction must lie"):
+        build_component("allocator", "last-layers", {"fraction": 0.0})
     with pytest.raises(ValueError, match="cap must lie"):
         build_component("allocator", "last-layers", {"cap": 1.0})
 

@@ -73,7 +73,7 @@ def test_methods_declare_what_they_need():
     assert keys("svd") == keys("svd-llm") == keys("duo-svd") == ["gram"]
     assert keys("adasvd") == ["gram", "block-cosine", "compressed-prefix-grams"]
     assert "stacked-grams[mini_bsz=4,seed=0,paired=1]" in keys("svd-llm+adacomp[adacomp.stack_of_batch=4]")
-    assert parse_method("ressvd").needs_compressed_inputs and not parse_method("svd-llm").needs_compressed_inputs
+    assert parse_method("ressvd[residual.stage2=compressed]").needs_compressed_inputs and not parse_method("svd-llm").needs_compressed_inputs
     assert parse_method("duo-svd").probes == ("kl_sensitivity",) and parse_method("svd").probes == ()
     assert parse_method("adasvd").allocation_uses_calibration and not parse_method("ressvd").allocation_uses_calibration
 
