@@ -117,7 +117,12 @@ def prepare(cfg: RunConfig) -> Prepared:
         if v is not None and v < 1:
             raise ValueError(f"--{n} must be positive, got {v}")
     model_config = read_config(cfg.model)
-    preflight(list(cfg.evals), encoder=is_encoder_config(model_config))
+    encoder = is_encoder_config(model_config)
+    preflight(list(cfg.evals), encoder=encoder)
+    for method in methods if encoder else ():
+        if reasons := method.causal_lm_reasons():
+            raise ValueError(f"method {method.name!r} cannot run on {cfg.model}, an encoder without a next-token "
+                             f"loss: {'; '.join(reasons)}")
     data.check_calibration_source(cfg.calib)
     limit = max_positions(model_config)
     if cfg.eval_seqlen is not None and limit is not None and cfg.eval_seqlen > limit:
@@ -224,7 +229,8 @@ class Session:
             identity = {"model": self.model_info.get("content_hash") or self.model_info.get("revision"),
                         "dtype": self.prep.dtype, "tokens": self.calibration.token_hash}
             self._statistics = CalibrationStatistics(self.model, self.layout, self._batches, self.prep.device,
-                                                     StatsStore(root, self.layout.n_blocks), identity)
+                                                     StatsStore(root, self.layout.n_blocks), identity,
+                                                     (self.calibration.input_ids, self.calibration.attention_mask))
         return self._statistics
 
     def stats_store_path(self) -> Path | None:

@@ -104,9 +104,37 @@ class Method:
     factorizer: Factorizer
     refiner: Refiner
 
+    def __post_init__(self) -> None:
+        if self.block_group > 1:
+            # Shared factors are fitted for the group at once: a per-module refit would unshare them,
+            # and the compressed stream cannot pass a block whose group is not compressed yet.
+            if not isinstance(self.refiner, NoRefiner):
+                raise ValueError(f"factorizer {self.factorizer.name!r} shares factors across blocks; "
+                                 f"refiner {self.refiner.name!r} would refit them module by module")
+            if self.needs_compressed_inputs:
+                raise ValueError(f"factorizer {self.factorizer.name!r} shares factors across blocks and cannot "
+                                 "be combined with statistics of the compressed model's inputs")
+
     @property
     def components(self) -> tuple[Any, Any, Any]:
         return self.allocator, self.factorizer, self.refiner
+
+    @property
+    def block_group(self) -> int:
+        """Consecutive blocks whose modules the factorizer handles together (1 = each module alone)."""
+        return int(getattr(self.factorizer, "block_group", 1) or 1)
+
+    def causal_lm_reasons(self) -> list[str]:
+        """Why this method needs a causal LM (a next-token loss), one line per component or statistic
+        that declares ``requires_causal_lm``; empty when it runs on any model."""
+        out = []
+        for stage, comp in zip(("allocator", "factorizer", "refiner"), self.components, strict=True):
+            if why := getattr(comp, "requires_causal_lm", ""):
+                out.append(f"{stage} {comp.name!r}: {why}")
+        for stat in self.statistics():
+            if why := getattr(stat, "requires_causal_lm", ""):
+                out.append(f"statistic {stat.key!r}: {why}")
+        return list(dict.fromkeys(out))
 
     def statistics(self) -> list[Statistic]:
         """The statistics the engine collects for this method: the dense Gram (every record reports
