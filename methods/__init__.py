@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from methods import (  # noqa: F401  (registration side effects)
     adasvd,
+    asvd,
     duo_svd,
     last_layers,
     ressvd,
