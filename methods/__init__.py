@@ -10,6 +10,7 @@ from methods import (  # noqa: F401  (registration side effects)
     adasvd,
     asvd,
     duo_svd,
+    fwsvd,
     last_layers,
     ressvd,
     svd,
