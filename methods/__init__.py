@@ -15,6 +15,7 @@ from methods import (  # noqa: F401  (registration side effects)
     ressvd,
     svd,
     svd_llm,
+    svd_llm_v2,
 )
 from methods.components import (
     ALLOCATORS,
