@@ -9,6 +9,7 @@ from __future__ import annotations
 from methods import (  # noqa: F401  (registration side effects)
     adasvd,
     asvd,
+    basis_sharing,
     duo_svd,
     fwsvd,
     last_layers,
