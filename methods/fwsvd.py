@@ -15,7 +15,9 @@ that several LLM re-implementations use; the choice changes results.
 Weights are divided by their maximum before the square root (uniform Fisher gives ``D = I`` exactly:
 plain SVD bit for bit) and floored at ``FISHER_FLOOR`` so that rows without gradient (e.g. underflow
 in float16) keep ``D`` invertible. A non-finite factor is an error. Rank: uniform, ``floor(keep m n
-/ (m + n))``, as in the paper. Needs a causal LM (squared gradients of the next-token loss).
+/ (m + n))``, as in the paper. Needs a causal LM (squared gradients of the next-token loss); the
+statistic costs one forward and one backward of the whole model per calibration window, with the
+whole model on the compute device (``harness/engine/gradients.py``), and is cached like the Grams.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """ASVD's sensitivity-based truncation rank search (STRS; Yuan et al., arXiv 2312.05821, Sec. 3.3).
 
-Sensitivity: for every target linear ``j`` and every candidate keep ratio ``p`` (paper and code:
+Sensitivity: for every target linear ``j`` and every candidate keep ratio ``p`` (ASVD's code:
 ``{0.1, ..., 0.9}``), replace module ``j`` alone by its rank-``k(p)`` factorization, keep every other
 module dense, and measure the perplexity ``P_j(p)`` on the calibration windows. The engine probe
 ``asvd_sensitivity`` measures it (``harness/probes/asvd_sensitivity.py``) with the method's own
@@ -109,10 +109,10 @@ class SensitivityThresholdAllocator:
     """ASVD's STRS allocation (module docstring).
 
     Options:
-        step: Spacing of the candidate keep ratios (paper: 0.1).
-        min_keep: Smallest candidate keep (paper: 0.1).
-        max_keep: Largest candidate keep below dense (paper: 0.9).
-        n_sequences: Calibration windows of the perplexity probe (paper: 32).
+        step: Spacing of the candidate keep ratios (ASVD's code: 0.1).
+        min_keep: Smallest candidate keep (ASVD's code: 0.1).
+        max_keep: Largest candidate keep below dense (ASVD's code: 0.9).
+        n_sequences: Calibration windows of the perplexity probe (ASVD's default calibration: 32).
         monotone: Threshold each module's non-increasing envelope (ours; false = ASVD's literal rule).
     """
 

@@ -18,9 +18,12 @@ from harness.engine.capture import capture_block_inputs
 from harness.engine.compress import compress_model, restore
 from harness.engine.gradients import gradient_pass, next_token_nll
 from harness.engine.statistics import CalibrationStatistics
-from harness.models import count_params, discover, get_module, load_model
+from harness.models import count_params, discover, fingerprint, get_module, load_model
+from harness.probes.asvd_sensitivity import PerplexitySensitivityProbe
 from harness.runner import RunConfig, prepare, run
 from methods import parse_method
+from methods.activation_aware import ActivationAwareFactorizer
+from methods.activation_stats import InputAbsMean
 from methods.fisher import SquaredGradients
 from methods.shared_basis import SharedBasisLinear
 from methods.statistics import InputGram
@@ -186,3 +189,35 @@ def test_encoder_runs_are_refused_before_loading_when_a_next_token_loss_is_neede
         with pytest.raises(ValueError, match=f"cannot run on minilm-l6, an encoder.*{why}"):
             prepare(RunConfig(methods=(method,), **base))
     assert prepare(RunConfig(methods=("svd-llm-v2", "basis-sharing", "svd+asvd-scaling"), **base)).methods
+
+
+def test_asvd_probe_replay_matches_full_forwards_and_restores_the_model(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("SVDBENCH_CACHE", str(tmp_path))
+    model, layout, ids = _windows(tiny_llama, n=8, seqlen=32)
+    cpu = torch.device("cpu")
+    source = CalibrationStatistics.in_directory(model, layout, lambda: capture_block_inputs(model, layout, ids, cpu),
+                                                cpu, tmp_path / "stats")
+    stats = [InputGram(), InputAbsMean()]
+    source.compute(source.missing(stats))
+    before = {m.name: get_module(model, m.name) for m in layout.modules}
+
+    def probe(**kw) -> PerplexitySensitivityProbe:
+        return PerplexitySensitivityProbe(model, layout, lambda i: source.load(i, stats)[0], ids, cpu,
+                                          fingerprint(str(tiny_llama)), batch_size=2, **kw)
+
+    factorizer = ActivationAwareFactorizer()
+    fast = probe()
+    table = fast([0.3, 0.6], 4, factorizer)
+    full = probe(skip_prefix=False, use_cache=False)([0.3, 0.6], 4, factorizer)
+    for name, row in table.items():
+        for p in (0.3, 0.6):
+            assert row[p] == pytest.approx(full[name][p], rel=1e-5)
+    dense_ppl = fast.last_cost["dense_ppl"]
+    assert sum(row[0.3] for row in table.values()) > len(table) * dense_ppl * (1 - 1e-3)
+    assert all(get_module(model, name) is mod for name, mod in before.items())  # restored
+    assert fast.last_cost["forwards"] == 4 * (1 + 2 * len(table)) and fast.last_cost["hit"] is False
+    again = probe()
+    assert again([0.3, 0.6], 4, factorizer) == table and again.last_cost["hit"] is True
+    # Another factorizer (or option) is another table.
+    probe()([0.3, 0.6], 4, ActivationAwareFactorizer(alpha=0.0))
+    assert len(list((tmp_path / "sensitivity").glob("*.json"))) == 2
