@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from methods.column_preserving import ColumnPreservingLowRank
 from methods.lowrank import LowRankLinear
+from methods.shared_basis import SharedBasisLinear
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ def module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
         elif isinstance(mod, LowRankLinear) and not any(name.startswith(f"{p}.") for p in specs):
             specs[name] = {"class": "LowRankLinear", "in_features": mod.in_features, "out_features": mod.out_features,
                            "rank": int(mod.rank), "bias": mod.second.bias is not None}
+        elif isinstance(mod, SharedBasisLinear):
+            # The basis is one tensor for the whole group: stored once, the other members are "tied" aliases.
+            specs[name] = {"class": "SharedBasisLinear", "in_features": mod.in_features, "out_features": mod.out_features,
+                           "rank": int(mod.rank), "bias": mod.second.bias is not None}
     return specs
 
 
@@ -82,9 +87,12 @@ def build_module(spec: Mapping[str, Any], device: torch.device | str | None = No
             return LowRankLinear.from_shape(*shape, bool(spec["bias"]), device, dtype)
         if cls == "ColumnPreservingLowRank":
             return ColumnPreservingLowRank.from_shape(*shape, int(spec["n_columns"]), bool(spec["bias"]), device, dtype)
+        if cls == "SharedBasisLinear":
+            return SharedBasisLinear.from_shape(*shape, bool(spec["bias"]), device, dtype)
     except (KeyError, TypeError, ValueError) as exc:
         raise ExportError(f"malformed module spec {dict(spec)}: {exc}") from exc
-    raise ExportError(f"unknown module class {cls!r} (this svdbench knows LowRankLinear, ColumnPreservingLowRank)")
+    raise ExportError(f"unknown module class {cls!r} (this svdbench knows LowRankLinear, ColumnPreservingLowRank, "
+                      "SharedBasisLinear)")
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -254,12 +262,7 @@ def compression_summary(result: Any) -> dict[str, Any]:
     """The export's ``compression`` block from a :class:`harness.engine.compress.CompressionResult`."""
     keep = ("name", "shape", "rank", "keep", "params")
     return {
-        "achieved_ratio": result.achieved_ratio,
-        "achieved_ratio_model": result.achieved_ratio_model,
-        "params_dense": result.params_dense,
-        "params_compressed": result.params_compressed,
-        "params_model_dense": result.params_model_dense,
-        "params_model_compressed": result.params_model_compressed,
+        **result.counts(),
         "layers": [{k: layer.get(k) for k in keep} for layer in result.layers],
     }
 

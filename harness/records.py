@@ -10,16 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from harness.cache import move_aside
+from harness.cache import move_aside, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +48,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     A reader never sees a half-written record, and a kill mid-write leaves at most a stray
     ``.tmp`` file, never a truncated ``.json``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=1, allow_nan=False, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=False, default=str))
 
 
 def read_record(path: Path, repair: bool = True) -> dict[str, Any] | None:

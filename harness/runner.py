@@ -129,7 +129,12 @@ def prepare(cfg: RunConfig) -> Prepared:
     if cfg.eval_offload not in OFFLOAD_MODES:
         raise ValueError(f"--eval-offload must be one of {', '.join(OFFLOAD_MODES)}, got {cfg.eval_offload!r}")
     model_config = read_config(cfg.model)
-    preflight(list(cfg.evals), encoder=is_encoder_config(model_config))
+    encoder = is_encoder_config(model_config)
+    preflight(list(cfg.evals), encoder=encoder)
+    for method in methods if encoder else ():
+        if reasons := method.causal_lm_reasons():
+            raise ValueError(f"method {method.name!r} cannot run on {cfg.model}, an encoder without a next-token "
+                             f"loss: {'; '.join(reasons)}")
     data.check_calibration_source(cfg.calib)
     limit = max_positions(model_config)
     if cfg.eval_seqlen is not None and limit is not None and cfg.eval_seqlen > limit:
@@ -242,7 +247,8 @@ class Session:
             identity = {"model": self.model_info.get("content_hash") or self.model_info.get("revision"),
                         "dtype": self.prep.dtype, "tokens": self.calibration.token_hash}
             self._statistics = CalibrationStatistics(self.model, self.layout, self._batches, self.prep.device,
-                                                     StatsStore(root, self.layout.n_blocks), identity)
+                                                     StatsStore(root, self.layout.n_blocks), identity,
+                                                     (self.calibration.input_ids, self.calibration.attention_mask))
         return self._statistics
 
     def stats_store_path(self) -> Path | None:
@@ -381,12 +387,7 @@ class Session:
             restore(self.model, result)
         record = {
             **base,
-            "achieved_ratio": result.achieved_ratio,
-            "achieved_ratio_model": result.achieved_ratio_model,
-            "params_dense": result.params_dense,
-            "params_compressed": result.params_compressed,
-            "params_model_dense": result.params_model_dense,
-            "params_model_compressed": result.params_model_compressed,
+            **result.counts(),
             "metrics": metrics,
             "evaluation": {"placement": self.placement},
             # statistics: dense statistics passes run for this cell (0 when read from the store);

@@ -6,7 +6,18 @@ the engine (``harness``), ``datasets`` or ``lm_eval``.
 
 from __future__ import annotations
 
-from methods import adasvd, duo_svd, last_layers, ressvd, svd, svd_llm  # noqa: F401  (registration side effects)
+from methods import (  # noqa: F401  (registration side effects)
+    adasvd,
+    asvd,
+    basis_sharing,
+    duo_svd,
+    fwsvd,
+    last_layers,
+    ressvd,
+    svd,
+    svd_llm,
+    svd_llm_v2,
+)
 from methods.components import (
     ALLOCATORS,
     FACTORIZERS,

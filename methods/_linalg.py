@@ -205,6 +205,34 @@ def whitening(gram: Tensor, *, eig_floor: float = EIG_FLOOR) -> Whitening:
     return Whitening(evecs * evals_c.sqrt(), "eigen", clamped, float(evals.min() / top))
 
 
+def diag_scaled_truncate(weight: Tensor, scale: Tensor, k: int, side: str = "inputs",
+                         driver: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-``k`` truncation of ``W D`` (``side="inputs"``, ``d: (n,)``) or ``D W`` (``"rows"``,
+    ``d: (m,)``), ``D = diag(d)`` positive, with ``D`` undone on the same side: the closed form of a
+    diagonally weighted Frobenius objective (ASVD's channel scaling, FWSVD's Fisher row weights).
+
+    Returns:
+        ``(A: (m, k), B: (k, n), sigma)``, ``sigma`` all singular values of the weighted matrix.
+
+    Raises:
+        FloatingPointError: when a factor is non-finite.
+    """
+    if side not in ("inputs", "rows"):
+        raise ValueError(f"side must be 'inputs' or 'rows', got {side!r}")
+    w = weight.to(torch.float64)
+    d = scale.to(device=w.device, dtype=torch.float64)
+    u, sigma, vh = top_svd(d[:, None] * w if side == "rows" else w * d, k, driver)
+    root = sigma[:k].sqrt()
+    a, b = u * root, root[:, None] * vh
+    if side == "rows":
+        a = a / d[:, None]
+    else:
+        b = b / d
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise FloatingPointError(f"diagonally scaled SVD ({side}) produced non-finite factors")
+    return a, b, sigma
+
+
 def whitened_truncate(weight: Tensor, white: Whitening, k: int, driver: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Truncation-aware whitened SVD (SVD-LLM, METHODS.md 1.3): ``min_{rank<=k} ||(W - W') X||_F``.
 

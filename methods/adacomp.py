@@ -60,6 +60,8 @@ from torch import Tensor
 from methods._linalg import Whitening, truncated_svd, whitened_truncate, whitening
 from methods.components import LinearStats, register
 from methods.lowrank import Factorization
+from methods.stack_of_batch import StackedGrams
+from methods.statistics import CompressedPrefixGrams, Statistic
 
 log = logging.getLogger(__name__)
 
@@ -329,11 +331,15 @@ class AdaCompRefiner:
         if not 0.0 <= self.ridge < 1.0:
             raise ValueError(f"adacomp.ridge must lie in [0, 1), got {self.ridge!r}")
 
-    @property
-    def needs_compressed_inputs(self) -> bool:
-        # The stacked Grams are collected by the engine's paired streaming pass, which only runs for
-        # components that ask for compressed inputs; with inputs=dense the extra Grams are unused.
-        return self.inputs == "compressed" or self.stack_of_batch > 0
+    def statistics(self) -> tuple[Statistic, ...]:
+        """Compressed-prefix Grams for ``inputs=compressed`` (or stacking, whose Grams the paired pass
+        collects; with ``inputs=dense`` its extra Grams are unused) and the stacked Grams when
+        ``stack_of_batch`` is set."""
+        paired = self.inputs == "compressed" or self.stack_of_batch > 0
+        out: list[Statistic] = [CompressedPrefixGrams()] if paired else []
+        if self.stack_of_batch:
+            out.append(StackedGrams(int(self.stack_of_batch), paired=paired))
+        return tuple(out)
 
     def grams(self, stats: LinearStats) -> PairedGrams:
         """The Grams this configuration fits on (raises if the engine did not collect them)."""

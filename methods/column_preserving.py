@@ -320,7 +320,6 @@ class ColumnPreservingFactorizer:
     """
 
     name: ClassVar[str] = "column-preserving"
-    needs_compressed_inputs: ClassVar[bool] = False
     search: str = "bracketed"
     min_gain: float = 0.0
     columns: str = "exact"

@@ -62,7 +62,8 @@ class LinearStats:
         named = {"gram": gram, "gram_hat": gram_hat, "cross": cross, **values}
         self.values: dict[str, Tensor] = {k: v for k, v in named.items() if v is not None}
         self.tokens = int(tokens)
-        self._white: Whitening | None = None
+        # Whitening cache, shared with every :meth:`derive`d copy (q/k/v keep one whitening).
+        self._cache: dict[str, Any] = {}
 
     @classmethod
     def from_results(cls, results: dict[str, Tensor]) -> LinearStats:
@@ -73,6 +74,13 @@ class LinearStats:
 
     def get(self, name: str) -> Tensor | None:
         return self.values.get(name)
+
+    def derive(self, extra: dict[str, Tensor]) -> LinearStats:
+        """A copy with per-module results added (e.g. a weight's own gradient statistics) that shares
+        this instance's tensors and whitening cache with the other linears of its input group."""
+        out = LinearStats(tokens=self.tokens, **{**self.values, **extra})
+        out._cache = self._cache
+        return out
 
     @property
     def gram(self) -> Tensor:
@@ -97,9 +105,14 @@ class LinearStats:
 
     def whitening(self) -> Whitening:
         """Whitening of ``gram``, computed once and shared by every ratio, method and sharing linear."""
-        if self._white is None:
-            self._white = whitening(self.gram)
-        return self._white
+        return self.cached("whitening", lambda: whitening(self.gram))
+
+    def cached(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per input group (shared with :meth:`derive`d copies), e.g. a whitening
+        variant that every linear reading this input reuses."""
+        if key not in self._cache:
+            self._cache[key] = compute()
+        return self._cache[key]
 
 
 @dataclass
@@ -117,6 +130,10 @@ class AllocationContext:
         block_values: Per block, the scalar results of the block-scope statistics the method declared.
         load_block: ``f(block) -> {module name: LinearStats}``: one block's statistics, read from the
             engine's store (host memory stays bounded by one block).
+        load_weight: ``f(module name) -> W: (m, n)`` float64 on the compute device, for allocators that
+            score modules by their own factorization (e.g. a truncation loss at the target ratio).
+        factorizer: The method's factorizer, for allocators and probes that measure the factorized
+            model (so that a swapped-in factorizer is measured with its own factors).
     """
 
     modules: list[ModuleInfo]
@@ -126,6 +143,8 @@ class AllocationContext:
     probes: dict[str, Callable[..., Any]] = field(default_factory=dict)
     block_values: list[dict[str, float]] | None = None
     load_block: Callable[[int], dict[str, LinearStats]] | None = None
+    load_weight: Callable[[str], Tensor] | None = None
+    factorizer: Any = None
 
     def __post_init__(self) -> None:
         if self.block_cosine is None and self.block_values and "block_cosine" in self.block_values[0]:
@@ -134,8 +153,10 @@ class AllocationContext:
 
 class Allocator(Protocol):
     """Optional declarations (absent = none): ``statistics() -> tuple[Statistic, ...]``,
-    ``probes: tuple[str, ...]`` (engine measurements it calls) and ``uses_calibration: bool``
-    (True when ``allocate`` reads statistics or probes, so they must be complete first)."""
+    ``probes: tuple[str, ...]`` (engine measurements it calls), ``uses_calibration: bool``
+    (True when ``allocate`` reads statistics or probes, so they must be complete first) and
+    ``requires_causal_lm: str`` (why it needs a next-token loss; any component or statistic may
+    declare it, and a run on an encoder is then refused before the model loads)."""
 
     name: ClassVar[str]
 
@@ -145,15 +166,29 @@ class Allocator(Protocol):
 
 
 class Factorizer(Protocol):
-    """Optional declaration: ``statistics() -> tuple[Statistic, ...]`` beyond the dense Gram."""
+    """Optional declarations: ``statistics() -> tuple[Statistic, ...]`` beyond the dense Gram, and
+    ``block_group: int`` with ``factorize_blocks`` (:class:`BlockGroupFactorizer`) for factors
+    shared across consecutive blocks."""
 
     name: ClassVar[str]
 
-    @property
-    def needs_compressed_inputs(self) -> bool: ...
-
     def factorize(self, weight: Tensor, stats: LinearStats, rank: int) -> Factorization:
         """Factors of ``W: (m, n)`` at ``rank`` (storage ``rank (m + n)``)."""
+        ...
+
+
+class BlockGroupFactorizer(Protocol):
+    """A factorizer whose factors are shared by the modules of ``block_group`` consecutive blocks
+    (blocks ``[j g, (j + 1) g)``, the last group possibly shorter). The engine hands it those blocks'
+    modules together; the statistics of at most ``block_group`` blocks are held at once."""
+
+    name: ClassVar[str]
+    block_group: int
+
+    def factorize_blocks(self, members: list[tuple[ModuleInfo, Tensor, LinearStats, float]]) -> dict[str, Factorization | None]:
+        """Factors per module name (None = leave dense) from ``(module, W: (m, n), stats, keep)`` of
+        every target linear of the group's blocks, in model order. Storage shared by several modules
+        is counted once (:meth:`Factorization.param_count` of one of them)."""
         ...
 
 
@@ -161,9 +196,6 @@ class Refiner(Protocol):
     """Optional declaration: ``statistics() -> tuple[Statistic, ...]`` beyond the dense Gram."""
 
     name: ClassVar[str]
-
-    @property
-    def needs_compressed_inputs(self) -> bool: ...
 
     def refine(self, weight: Tensor, fact: Factorization, stats: LinearStats) -> Factorization:
         """Better factors of ``W`` at the same storage."""

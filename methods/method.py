@@ -35,8 +35,7 @@ from methods.components import (
 )
 from methods.lowrank import Factorization
 from methods.registry import Registry, did_you_mean
-from methods.stack_of_batch import StackedGrams
-from methods.statistics import CompressedPrefixGrams, InputGram, Statistic, union
+from methods.statistics import InputGram, Statistic, union
 
 
 @register("allocator")
@@ -56,7 +55,6 @@ class NoRefiner:
     """Leaves the factors as the factorizer made them."""
 
     name: ClassVar[str] = "none"
-    needs_compressed_inputs: ClassVar[bool] = False
 
     def refine(self, weight: Tensor, fact: Factorization, stats: LinearStats) -> Factorization:
         return fact
@@ -77,22 +75,9 @@ register_method("svd-llm", "uniform", "whitened")
 
 
 def _declared_statistics(component: Any) -> tuple[Statistic, ...]:
-    """A component's declared statistics.
-
-    Components written before statistics were declared say ``needs_compressed_inputs`` and, for
-    adaComp, ``stack_of_batch``; those two attributes are translated here (and nowhere else).
-    """
+    """A component's declared statistics (``statistics()``; absent = none beyond the dense Gram)."""
     declare = getattr(component, "statistics", None)
-    if callable(declare):
-        return tuple(declare())
-    out: list[Statistic] = []
-    paired = bool(getattr(component, "needs_compressed_inputs", False))
-    stack = int(getattr(component, "stack_of_batch", 0) or 0)
-    if paired:
-        out.append(CompressedPrefixGrams())
-    if stack:
-        out.append(StackedGrams(stack, paired=paired))
-    return tuple(out)
+    return tuple(declare()) if callable(declare) else ()
 
 
 @dataclass(frozen=True)
@@ -104,9 +89,37 @@ class Method:
     factorizer: Factorizer
     refiner: Refiner
 
+    def __post_init__(self) -> None:
+        if self.block_group > 1:
+            # Shared factors are fitted for the group at once: a per-module refit would unshare them,
+            # and the compressed stream cannot pass a block whose group is not compressed yet.
+            if not isinstance(self.refiner, NoRefiner):
+                raise ValueError(f"factorizer {self.factorizer.name!r} shares factors across blocks; "
+                                 f"refiner {self.refiner.name!r} would refit them module by module")
+            if self.needs_compressed_inputs:
+                raise ValueError(f"factorizer {self.factorizer.name!r} shares factors across blocks and cannot "
+                                 "be combined with statistics of the compressed model's inputs")
+
     @property
     def components(self) -> tuple[Any, Any, Any]:
         return self.allocator, self.factorizer, self.refiner
+
+    @property
+    def block_group(self) -> int:
+        """Consecutive blocks whose modules the factorizer handles together (1 = each module alone)."""
+        return int(getattr(self.factorizer, "block_group", 1) or 1)
+
+    def causal_lm_reasons(self) -> list[str]:
+        """Why this method needs a causal LM (a next-token loss), one line per component or statistic
+        that declares ``requires_causal_lm``; empty when it runs on any model."""
+        out = []
+        for stage, comp in zip(("allocator", "factorizer", "refiner"), self.components, strict=True):
+            if why := getattr(comp, "requires_causal_lm", ""):
+                out.append(f"{stage} {comp.name!r}: {why}")
+        for stat in self.statistics():
+            if why := getattr(stat, "requires_causal_lm", ""):
+                out.append(f"statistic {stat.key!r}: {why}")
+        return list(dict.fromkeys(out))
 
     def statistics(self) -> list[Statistic]:
         """The statistics the engine collects for this method: the dense Gram (every record reports

@@ -44,6 +44,7 @@ from methods._linalg import Whitening, truncated_svd, whitened_truncate, whiteni
 from methods.components import LinearStats, register
 from methods.lowrank import Factorization
 from methods.method import register_method
+from methods.statistics import CompressedPrefixGrams, Statistic
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,9 @@ class ResidualFactorizer:
         """Stage 2's objective with ``same`` resolved to stage 1's."""
         return self.stage1 if self.stage2 == "same" else self.stage2
 
-    @property
-    def needs_compressed_inputs(self) -> bool:
-        return self.stage2_metric == "compressed"
+    def statistics(self) -> tuple[Statistic, ...]:
+        """Compressed-prefix Grams when stage 2 fits the compressed model's inputs."""
+        return (CompressedPrefixGrams(),) if self.stage2_metric == "compressed" else ()
 
     def split_ranks(self, rank: int, m: int, n: int) -> tuple[int, int]:
         """``(r1, r2)`` with ``r1 + r2 = rank`` for an ``(m, n)`` weight."""
@@ -193,7 +194,7 @@ class ResidualFactorizer:
             if stats.gram_hat is None or stats.cross is None:
                 raise ValueError(
                     "residual.stage2=compressed needs compressed-prefix statistics (gram_hat, cross): "
-                    "run it through the engine's paired stream (needs_compressed_inputs)"
+                    "declare CompressedPrefixGrams so the engine runs its paired stream"
                 )
             white_hat = whitening(stats.gram_hat)
             info["whitening_hat"] = white_hat.method

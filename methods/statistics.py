@@ -14,6 +14,11 @@ Three kinds, by what the engine feeds them:
   is the same linear's input in the model whose earlier blocks are already compressed. Only
   collected while compressing (they depend on the method and ratio), never cached.
 * ``scope = "block"``, ``stream = "dense"``: a decoder block's input and output hidden states.
+* ``scope = "gradient"``, ``stream = "dense"``: the gradient ``dL/dW: (m, n)`` of each target weight
+  of the next-token loss of one calibration window (``x`` in :meth:`Accumulator.add`, ``mask`` None),
+  one accumulator per target linear (not per distinct input). Computed by whole-model backward
+  passes (``harness/engine/gradients.py``), so only on causal LMs: such a statistic declares
+  ``requires_causal_lm`` (why it needs one), which refuses encoder runs before the model loads.
 
 Every accumulator returns named tensors (``result()``); names are unique across statistics, and
 :class:`methods.components.LinearStats` exposes them to the components. Dense-stream results are
@@ -57,8 +62,9 @@ class Accumulator(Protocol):
 class Statistic(Protocol):
     """What a component declares (frozen dataclass; its fields are options that enter ``key``).
 
-    ``scope`` is ``"linear-input"`` or ``"block"``, ``stream`` is ``"dense"`` or ``"paired"`` and
-    ``names`` lists the result names; each may be a class attribute or a property of the options.
+    ``scope`` is ``"linear-input"``, ``"block"`` or ``"gradient"``, ``stream`` is ``"dense"`` or
+    ``"paired"`` and ``names`` lists the result names; each may be a class attribute or a property of
+    the options.
     """
 
     scope: str

@@ -23,7 +23,6 @@ class PlainFactorizer:
     """Truncated SVD of the weight alone; calibration statistics are not used."""
 
     name: ClassVar[str] = "plain"
-    needs_compressed_inputs: ClassVar[bool] = False
 
     def factorize(self, weight: Tensor, stats: LinearStats | None, rank: int) -> Factorization:
         a, b, sigma = truncated_svd(weight, rank)

@@ -24,7 +24,6 @@ class WhitenedFactorizer:
     """Cholesky (float64, eigenvalue fallback) whitening of the dense inputs' Gram, then SVD."""
 
     name: ClassVar[str] = "whitened"
-    needs_compressed_inputs: ClassVar[bool] = False
 
     def factorize(self, weight: Tensor, stats: LinearStats, rank: int) -> Factorization:
         white = stats.whitening()

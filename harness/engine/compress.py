@@ -12,6 +12,12 @@ Which passes run depends on what the method declares (:meth:`methods.Method.stat
   compressed stream goes through it, reading the stored dense statistics block by block;
 * everything stored and no paired statistics: no forward pass at all, blocks are read and compressed.
 
+Gradient-scope statistics need whole-model backward passes: when missing they are computed (and
+stored) before any of the above. A factorizer that declares ``block_group = g > 1`` shares factors
+across consecutive blocks: the engine then holds the statistics of the blocks ``[j g, (j + 1) g)``
+until the last of them has streamed and hands the group's modules to ``factorize_blocks`` together
+(memory: ``g`` blocks' statistics instead of one); everything else is unchanged.
+
 A corrupt store file found on the way is moved aside, the partial compression undone, and the cell
 recomputed once. The replaced ``nn.Linear`` modules are kept so the dense model is restored cheaply
 between cells.
@@ -76,6 +82,17 @@ class CompressionResult:
     def achieved_ratio_model(self) -> float:
         return 1.0 - self.params_model_compressed / self.params_model_dense
 
+    def counts(self) -> dict[str, Any]:
+        """Achieved ratios and parameter counts, as records and export manifests store them."""
+        return {
+            "achieved_ratio": self.achieved_ratio,
+            "achieved_ratio_model": self.achieved_ratio_model,
+            "params_dense": self.params_dense,
+            "params_compressed": self.params_compressed,
+            "params_model_dense": self.params_model_dense,
+            "params_model_compressed": self.params_model_compressed,
+        }
+
 
 def restore(model: nn.Module, result: CompressionResult) -> None:
     """Put the original dense modules back."""
@@ -99,18 +116,36 @@ def allocate(method: Method, ctx: AllocationContext, ratio: float) -> dict[str, 
 def compress_linear(model: nn.Module, mod: ModuleInfo, method: Method, stats: LinearStats, keep: float,
                     result: CompressionResult, device: torch.device, statistics: list[Statistic] | None = None) -> None:
     """Factorize and refine one target linear on ``device`` (float64) and swap in its low-rank module."""
+    weight = get_module(model, mod.name).weight.detach().to(device=device, dtype=torch.float64)
+    rank = rank_for(*weight.shape, keep)
+    fact = None
+    if rank is not None:
+        fact = method.refiner.refine(weight, method.factorizer.factorize(weight, stats, rank), stats)
+    install(model, mod, method, weight, fact, stats, keep, result, statistics)
+
+
+def compress_group(model: nn.Module, mods: list[ModuleInfo], method: Method, stats: dict[str, LinearStats],
+                   keeps: dict[str, float], result: CompressionResult, device: torch.device,
+                   statistics: list[Statistic] | None = None) -> None:
+    """Factorize the modules of a group of consecutive blocks together (a factorizer with
+    ``block_group > 1``, e.g. one basis shared across blocks) and swap in their modules."""
+    weights = {m.name: get_module(model, m.name).weight.detach().to(device=device, dtype=torch.float64) for m in mods}
+    facts = method.factorizer.factorize_blocks([(m, weights[m.name], stats[m.name], keeps[m.name]) for m in mods])
+    for m in mods:
+        install(model, m, method, weights[m.name], facts.get(m.name), stats[m.name], keeps[m.name], result, statistics)
+
+
+def install(model: nn.Module, mod: ModuleInfo, method: Method, weight: torch.Tensor, fact: Any, stats: LinearStats,
+            keep: float, result: CompressionResult, statistics: list[Statistic] | None = None) -> None:
+    """Check ``fact`` (None = leave the module dense), report its calibration error and swap it in."""
     linear = get_module(model, mod.name)
-    weight = linear.weight.detach().to(device=device, dtype=torch.float64)
     m, n = weight.shape
     report: dict[str, Any] = {"name": mod.name, "block": mod.block, "kind": mod.kind, "shape": [m, n], "keep": keep}
-    rank = rank_for(m, n, keep)
-    if rank is None:
+    if fact is None:
         report.update(rank=None, params=m * n, calib_rel_error=0.0)
         result.params_compressed += m * n
         result.layers.append(report)
         return
-    fact = method.factorizer.factorize(weight, stats, rank)
-    fact = method.refiner.refine(weight, fact, stats)
     approx = fact.dense()
     if not torch.isfinite(approx).all():
         raise FloatingPointError(f"{method.name}: non-finite factors for {mod.name}")
@@ -136,10 +171,15 @@ def _compress(model: nn.Module, layout: Layout, method: Method, ratio: float, so
     dense = [s for s in declared if s.stream == "dense"]
     paired = [s for s in declared if s.stream == "paired"]
     missing = source.missing(dense)
-    result.statistics["collected"] = [s.key for s in declared]
+    result.statistics.update(collected=[s.key for s in declared], cached=[s.key for s in dense if s not in missing])
+    computed_before = dict(source.pass_seconds)
     if method.allocation_uses_calibration and missing:
         source.compute(missing)  # the allocator needs every block's statistics first (counted in source.seconds)
         missing = []
+    elif any(s.scope == "gradient" for s in missing):
+        # Whole-model backward passes cannot be fused into the block stream: they run first.
+        source.compute([s for s in missing if s.scope == "gradient"])
+        missing = [s for s in missing if s.scope != "gradient"]
 
     t0 = time.perf_counter()
     calibrated = method.allocation_uses_calibration
@@ -147,17 +187,29 @@ def _compress(model: nn.Module, layout: Layout, method: Method, ratio: float, so
         layout.modules, layout.n_blocks, probes=probes,
         block_values=source.block_values(dense) if calibrated else None,
         load_block=(lambda i: source.load(i, dense)[0]) if calibrated else None,
+        load_weight=lambda name: get_module(model, name).weight.detach().to(source.device, torch.float64),
+        factorizer=method.factorizer,
     )
     keeps = allocate(method, ctx, ratio)
     result.timings_s["allocation"] = time.perf_counter() - t0
 
     factorize_s = 0.0
+    group = method.block_group
+    held: list[BlockStatistics] = []  # blocks of the current group (block_group > 1)
 
     def compress_block(bs: BlockStatistics) -> None:
         nonlocal factorize_s
         t = time.perf_counter()
-        for mod in layout.in_block(bs.index):
-            compress_linear(model, mod, method, bs.linear[mod.name], keeps[mod.name], result, source.device, declared)
+        if group == 1:
+            for mod in layout.in_block(bs.index):
+                compress_linear(model, mod, method, bs.linear[mod.name], keeps[mod.name], result, source.device, declared)
+        else:
+            held.append(bs)
+            if (bs.index + 1) % group == 0 or bs.index == layout.n_blocks - 1:
+                mods = [mod for b in held for mod in layout.in_block(b.index)]
+                stats = {name: st for b in held for name, st in b.linear.items()}
+                compress_group(model, mods, method, stats, keeps, result, source.device, declared)
+                held.clear()
         release_freed_memory()  # the block's float64 temporaries: host memory stays flat across blocks
         factorize_s += time.perf_counter() - t
         if bs.index == 0:
@@ -189,6 +241,9 @@ def _compress(model: nn.Module, layout: Layout, method: Method, ratio: float, so
             compress_block(BlockStatistics(i, linear, block, source.groups(i)))
     result.timings_s["factorization"] = factorize_s
     result.statistics["gram_product"] = source.product_mode()
+    passes = {k: v for k, v in source.pass_seconds.items() if computed_before.get(k) != v}
+    if passes:  # seconds of the statistics passes this cell ran (e.g. a gradient pass)
+        result.statistics["pass_seconds"] = passes
 
 
 def compress_model(model: nn.Module, layout: Layout, method: Method, ratio: float, source: CalibrationStatistics,

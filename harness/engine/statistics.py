@@ -4,7 +4,8 @@ A method declares statistics (:mod:`methods.statistics`); dense-stream ones are 
 per (model weights, dtype, calibration tokens) and kept in the on-disk store
 (:mod:`harness.engine.store`), which every method, ratio, cell and executor then reads one block at a
 time. Paired statistics depend on the method and are computed while compressing
-(:mod:`harness.engine.compress`).
+(:mod:`harness.engine.compress`). Gradient-scope statistics come from whole-model backward passes
+(:mod:`harness.engine.gradients`) and are stored per block like the others, one entry per module.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.engine.capture import Batch
+from harness.engine.gradients import gradient_pass
 from harness.engine.store import StatsStore, StoreWriter
 from harness.engine.stream import BlockStatistics, StreamReport, stream_blocks
 from harness.models import Layout
@@ -38,22 +40,26 @@ class CalibrationStatistics:
         device: The compute device.
         store: The store of this (model, dtype, calibration) identity.
         identity: JSON-able identity written into every index (model hash, dtype, token hash).
+        windows: ``(input_ids (N, L), attention_mask or None)`` of the calibration, for statistics
+            that need whole-model passes (gradients); None when the session has none to give.
     """
 
     def __init__(self, model: nn.Module, layout: Layout, batches: Callable[[], list[Batch]], device: torch.device,
-                 store: StatsStore, identity: dict[str, Any]) -> None:
+                 store: StatsStore, identity: dict[str, Any],
+                 windows: tuple[Tensor, Tensor | None] | None = None) -> None:
         self.model, self.layout, self.batches, self.device = model, layout, batches, device
-        self.store, self.identity = store, identity
+        self.store, self.identity, self.windows = store, identity, windows
         self.product: GramProduct | None = None
         self.product_errors: dict[str, float] = {}
         self.computed: list[str] = []  # statistic keys computed (not read from the cache) in this process
         self.seconds = 0.0  # time spent in dense statistics passes
+        self.pass_seconds: dict[str, float] = {}  # statistic keys -> seconds of the pass that computed them
 
     @classmethod
     def in_directory(cls, model: nn.Module, layout: Layout, batches: Callable[[], list[Batch]], device: torch.device,
-                     root: Path) -> CalibrationStatistics:
+                     root: Path, windows: tuple[Tensor, Tensor | None] | None = None) -> CalibrationStatistics:
         """Statistics stored under ``root`` (tests and tools that manage their own directory)."""
-        return cls(model, layout, batches, device, StatsStore(root, layout.n_blocks), {"root": str(root)})
+        return cls(model, layout, batches, device, StatsStore(root, layout.n_blocks), {"root": str(root)}, windows)
 
     def load_all(self, statistics: list[Statistic] | None = None) -> dict[str, LinearStats]:
         """Every module's stored statistics at once (computing missing ones): holds all blocks in
@@ -99,7 +105,9 @@ class CalibrationStatistics:
             harness.engine.store.CorruptStoreError: when a file fails verification.
         """
         per_rep: dict[str, dict[str, Tensor]] = {}
+        per_module: dict[str, dict[str, Tensor]] = {}  # gradient scope: one entry per weight
         block_results: dict[str, Tensor] = {}
+        inputs = [s for s in statistics if s.stream == "dense" and s.scope == "linear-input"]
         for stat in statistics:
             if stat.stream != "dense":
                 continue
@@ -108,13 +116,16 @@ class CalibrationStatistics:
                 if owner == "block":
                     block_results[result] = tensor
                 else:
-                    per_rep.setdefault(owner, {})[result] = tensor
+                    (per_module if stat.scope == "gradient" else per_rep).setdefault(owner, {})[result] = tensor
         linear: dict[str, LinearStats] = {}
-        for members in self.groups(block):
+        for members in self.store.groups(inputs[0].key, block) if inputs else []:
             if members[0] in per_rep:
                 stats = LinearStats.from_results(per_rep[members[0]])
                 for m in members:
                     linear[m] = stats
+        for name, extra in per_module.items():
+            shared = linear.get(name)
+            linear[name] = shared.derive(extra) if shared is not None else LinearStats.from_results(extra)
         return linear, block_results
 
     # -- computing ---------------------------------------------------------------------------------
@@ -147,8 +158,35 @@ class CalibrationStatistics:
 
         return on_block, finish
 
+    def compute_gradients(self, statistics: list[Statistic]) -> None:
+        """Whole-model forward + backward passes (:mod:`harness.engine.gradients`) that store the
+        gradient-scope ``statistics``, one entry per target linear in each block's file."""
+        if self.windows is None:
+            raise RuntimeError("gradient statistics need the calibration windows (token ids); "
+                               "this CalibrationStatistics was built without them")
+        t0 = time.perf_counter()
+        ids, mask = self.windows
+        per_block = gradient_pass(self.model, self.layout, ids, mask, self.device, statistics)
+        seconds = time.perf_counter() - t0
+        for stat in statistics:
+            writer = self.store.writer(stat.key)
+            for i, modules in enumerate(per_block):
+                tensors = {f"{name}::{r}": results[r] for name, results in modules.items() for r in stat.names}
+                writer.write(i, tensors, [[name] for name in modules], {})
+            writer.finish({"identity": self.identity, "windows": int(ids.shape[0]), "seconds": seconds})
+            self.computed.append(stat.key)
+            self.pass_seconds[stat.key] = seconds
+        self.seconds += seconds
+        log.info("statistics %s: %d windows forward + backward in %.1f s", ", ".join(s.key for s in statistics),
+                 ids.shape[0], seconds)
+
     def compute(self, statistics: list[Statistic]) -> None:
-        """A dense pass that stores ``statistics`` (nothing else happens to the model)."""
+        """Dense passes that store ``statistics`` (nothing else happens to the model): the gradient
+        pass for gradient-scope ones, one streamed pass for the rest."""
+        gradients = [s for s in statistics if s.scope == "gradient"]
+        if gradients:
+            self.compute_gradients(gradients)
+        statistics = [s for s in statistics if s.scope != "gradient"]
         if not statistics:
             return
         t0 = time.perf_counter()
@@ -157,5 +195,6 @@ class CalibrationStatistics:
                                product=self.product)
         finish(report)
         self.seconds += time.perf_counter() - t0
+        self.pass_seconds.update({s.key: time.perf_counter() - t0 for s in statistics})
         log.info("statistics %s: %d blocks in %.1f s", ", ".join(s.key for s in statistics), self.layout.n_blocks,
                  time.perf_counter() - t0)

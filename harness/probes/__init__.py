@@ -45,7 +45,7 @@ class ProbeContext:
 
 
 PROBES: Registry[Callable[[ProbeContext], Any]] = Registry("probe")
-_MODULES = ("harness.probes.kl_sensitivity",)
+_MODULES = ("harness.probes.kl_sensitivity", "harness.probes.asvd_sensitivity")
 
 
 def register_probe(name: str) -> Callable[[Callable[[ProbeContext], Any]], Callable[[ProbeContext], Any]]:

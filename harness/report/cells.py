@@ -39,11 +39,17 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Chronological order used by the papers; the proposed/newer methods come last.
-METHOD_ORDER: tuple[str, ...] = ("svd", "svd-llm", "adasvd", "ressvd", "duo-svd")
+METHOD_ORDER: tuple[str, ...] = (
+    "svd", "fwsvd", "asvd", "svd-llm", "basis-sharing", "svd-llm-v2", "adasvd", "ressvd", "duo-svd",
+)
 _DISPLAY = {
     "dense": "Original",
     "svd": "SVD",
+    "fwsvd": "FWSVD",
+    "asvd": "ASVD",
     "svd-llm": "SVD-LLM",
+    "basis-sharing": "Basis Sharing",
+    "svd-llm-v2": "SVD-LLM V2",
     "adasvd": "AdaSVD",
     "ressvd": "ResSVD",
     "duo-svd": "Duo-SVD",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -245,52 +246,15 @@ def test_export_refuses_a_non_empty_directory(exported: dict[str, dict], tmp_pat
 
 # -- plain transformers, without svdbench ------------------------------------------------------------
 
-PLAIN_RECIPE = '''
-import json, sys
-import torch
-from torch import nn
-from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForCausalLM
+def _recipe_from_docs() -> str:
+    """The first Python block of docs/export.md: the stand-alone loader users copy."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "export.md").read_text()
+    match = re.search(r"```python\n(.*?)```", text, re.S)
+    assert match and "def load(path)" in match.group(1), "docs/export.md lost its loader recipe"
+    return match.group(1)
 
 
-class LowRankLinear(nn.Module):  # y = second(first(x)): first (rank, in), second (out, rank) + bias
-    def __init__(self, in_features, out_features, rank, bias):
-        super().__init__()
-        self.first = nn.Linear(in_features, rank, bias=False)
-        self.second = nn.Linear(rank, out_features, bias=bias)
-
-    def forward(self, x):
-        return self.second(self.first(x))
-
-
-class ColumnPreservingLowRank(nn.Module):  # y = columns(x[kept]) + lowrank(x[rest])
-    def __init__(self, in_features, out_features, rank, n_columns, bias):
-        super().__init__()
-        self.register_buffer("kept_idx", torch.zeros(n_columns, dtype=torch.long))
-        self.register_buffer("rest_idx", torch.zeros(in_features - n_columns, dtype=torch.long))
-        self.columns = nn.Linear(n_columns, out_features, bias=False)
-        self.lowrank = LowRankLinear(in_features - n_columns, out_features, rank, bias)
-
-    def forward(self, x):
-        return self.columns(x.index_select(-1, self.kept_idx)) + self.lowrank(x.index_select(-1, self.rest_idx))
-
-
-def load(path):
-    meta = json.load(open(f"{path}/svdbench.json"))
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    for name, spec in meta["modules"].items():
-        args = [spec["in_features"], spec["out_features"], spec["rank"]]
-        if spec["class"] == "ColumnPreservingLowRank":
-            args.append(spec["n_columns"])
-        module = {"LowRankLinear": LowRankLinear, "ColumnPreservingLowRank": ColumnPreservingLowRank}[spec["class"]]
-        model.set_submodule(name, module(*args, spec["bias"]))
-    state = {}
-    for file in meta["weights"]:
-        state.update(load_file(f"{path}/{file}"))
-    model.load_state_dict(state, strict=False)  # tied weights (meta["tied"]) are stored once
-    model.tie_weights()
-    return model.eval()
-'''
+PLAIN_RECIPE = "import sys\n" + _recipe_from_docs()
 
 PLAIN_SCRIPT = PLAIN_RECIPE + """
 torch.set_num_threads(int(sys.argv[1]))
@@ -302,9 +266,9 @@ torch.save(logits, sys.argv[3])
 """
 
 
-@pytest.mark.parametrize("name", ["svd", "duo-svd"])
+@pytest.mark.parametrize("name", ["svd", "duo-svd", "basis-sharing"])
 def test_plain_transformers_recipe_loads_an_export(exported: dict[str, dict], name: str, tmp_path: Path):
-    """The README's recipe (plain torch + transformers + safetensors, no svdbench) gives the same logits."""
+    """The recipe of docs/export.md (plain torch + transformers + safetensors, no svdbench) gives the same logits."""
     entry = exported[name]
     torch.save(IDS, tmp_path / "ids.pt")
     _fresh_python(PLAIN_SCRIPT, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"), str(entry["path"]))
