@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.cli import main as svdbench
+from harness.sweep.spec import load_spec
 
 log = logging.getLogger("benchmarks.make_reference_results")
 
@@ -27,7 +28,8 @@ SPEC = Path(__file__).with_name("reference_leaderboard.yaml")
 
 def make_reference_results(results: str | Path = "results/reference", figures: str | Path = "results/figures",
                            overrides: Sequence[str] = (), spec: str | Path = SPEC,
-                           executor: str | None = None, retry_failed: bool = False) -> int:
+                           executor: str | None = None, retry_failed: bool = False,
+                           reports_only: bool = False) -> int:
     """Sweep, leaderboard and figures; returns the process exit code.
 
     Args:
@@ -37,21 +39,27 @@ def make_reference_results(results: str | Path = "results/reference", figures: s
         spec: The sweep spec (default: the shipped reference leaderboard).
         executor: ``inprocess`` (default), ``local-gpus`` or ``submitit``.
         retry_failed: Rerun cells recorded as failed.
+        reports_only: Skip the sweep; write the reports from the records that exist.
 
     Returns:
         0 when every cell is ok and the reports were written; 1 when cells failed; 2 when the sweep
         could not run or a report could not be written.
     """
-    argv = ["sweep", str(spec), f"results={results}", *overrides]
-    argv += ["--executor", executor] if executor else []
-    argv += ["--retry-failed"] if retry_failed else []
-    code = svdbench(argv)
-    if code == 2:
-        return code
+    code = 0
+    if not reports_only:
+        argv = ["sweep", str(spec), f"results={results}", *overrides]
+        argv += ["--executor", executor] if executor else []
+        argv += ["--retry-failed"] if retry_failed else []
+        code = svdbench(argv)
+        if code == 2:
+            return code
     name = Path(spec).stem.replace("_", "-")
+    # Perplexity sweeps plot perplexity; others (an encoder's embed-fidelity) their first metric.
+    evals = load_spec(spec).evals
+    kind = ["ppl-vs-ratio"] if set(evals) & {"wikitext2", "ptb", "c4"} else ["metric-vs-ratio", "--metric", evals[0]]
     steps = [
         ["leaderboard", str(results), "--format", "md", "--output", str(Path(results) / "leaderboard.md")],
-        ["plot", str(results), "--kind", "ppl-vs-ratio", "rank-allocation", "--out", str(figures), "--sweep-id", name],
+        ["plot", str(results), "--kind", *kind[:1], "rank-allocation", *kind[1:], "--out", str(figures), "--sweep-id", name],
     ]
     for step in steps:
         if svdbench(step) != 0:
@@ -68,10 +76,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--spec", default=str(SPEC))
     parser.add_argument("--executor", choices=("inprocess", "local-gpus", "submitit"))
     parser.add_argument("--retry-failed", action="store_true")
+    parser.add_argument("--reports-only", action="store_true", help="skip the sweep; tables and figures only")
     args = parser.parse_intermixed_args(argv)
     logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting is chatty at INFO
     return make_reference_results(args.results, args.figures, args.overrides, args.spec, args.executor,
-                                  args.retry_failed)
+                                  args.retry_failed, args.reports_only)
 
 
 if __name__ == "__main__":

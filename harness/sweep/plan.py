@@ -70,7 +70,7 @@ def run_config(spec: SweepSpec, model: str, seed: int) -> RunConfig:
         eval_seqlen=ev.seqlen, eval_batch_size=ev.batch_size, eval_max_windows=ev.max_windows,
         limit=ev.limit, tasks=ev.tasks, seed=seed, device=spec.device, dtype=spec.dtype,
         results=str(Path(spec.results).expanduser().resolve()), eval_window_stride=ev.window_stride,
-        eval_offload=ev.offload,
+        eval_offload=ev.offload, svd_driver=spec.svd_driver,
     )
 
 

@@ -298,6 +298,8 @@ class SweepSpec:
     device: str = "auto"
     dtype: str = field(default="auto", metadata=parse_with(_one_of(("auto", "float16", "bfloat16", "float32"))))
     executor: str = field(default="inprocess", metadata=parse_with(_one_of(EXECUTORS)))
+    # Top-k SVD routine of the factorizers (``svdbench run --svd-driver``); None: the device default.
+    svd_driver: str | None = field(default=None, metadata=parse_with(_one_of(("svd", "gram-eigh"), optional=True)))
     submitit: SubmititSpec = field(default_factory=SubmititSpec)
 
     @property
