@@ -28,6 +28,7 @@ from harness.report.cells import cell_identity
 from harness.report.spread import SINGLE_SEED_NOTE, SPREAD_DEFINITION, Estimate, estimate
 from harness.report.staleness import stale_reasons
 from harness.report.store import read_records, records_to_frame, value_text
+from methods.method import split_method_list
 
 log = logging.getLogger("benchmarks.ablation_table")
 
@@ -153,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
+    methods = list(split_method_list(args.methods)) if args.methods else None
     text = render(select(load_records(args.directory), methods), args.metric, args.digits)
     if args.out:
         args.out.write_text(text, encoding="utf-8")

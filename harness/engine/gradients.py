@@ -3,9 +3,8 @@
 A statistic with ``scope = "gradient"`` (:mod:`methods.statistics`) is fed, per target linear, the
 gradient ``G = dL/dW: (m, n)`` of that linear's weight, where ``L`` is the mean next-token negative
 log-likelihood of one calibration window (float32 log-softmax of the logits, real tokens only). One
-window per backward makes the accumulated squares the per-sample empirical Fisher of FWSVD
-(arXiv 2207.00112, Eq. for ``I_w``: the mean over samples of ``(dL/dw)^2``), not the square of a
-batch mean.
+window per backward makes accumulated squares a per-sample empirical Fisher (the mean over samples
+of ``(dL/dw)^2``), not the square of a batch mean.
 
 Memory: every target weight carries a ``register_post_accumulate_grad_hook`` that, as soon as
 autograd has produced that weight's gradient, feeds the accumulators and drops the gradient
