@@ -12,7 +12,7 @@ stopping on the held-out tail (the best checkpoint by validation loss is kept). 
 seeded and the data order is fixed, so the same inputs give bitwise identical weights on the same
 machine (same device and thread count).
 
-BOS windows (our choice: none, ``BOS_WINDOW_FRACTION = 0``). docs/REFERENCE_MODELS.md reports that
+BOS windows (our choice: none, ``BOS_WINDOW_FRACTION = 0``). Reports on small Llama-style models say that
 starting every training window with BOS grows attention-sink outlier channels (peak/median channel
 ratio ~5-6 instead of ~2, after much longer training than ours), at the price of a higher dense
 perplexity, because the perplexity protocol gives only the first window a BOS. At the two-minute

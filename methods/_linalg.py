@@ -1,6 +1,6 @@
 """Pure linear-algebra core shared by every SVD-family method.
 
-Conventions (METHODS.md section 1): a target weight is ``W: (m, n)`` with ``m = out``,
+Conventions (README.md, "Compress and evaluate"): a target weight is ``W: (m, n)`` with ``m = out``,
 ``n = in`` so that ``y = W x``. Calibration inputs are accumulated as the Gram matrix
 ``H = sum_t x_t x_t^T`` of shape ``(n, n)``; ``||(W - W') X||_F^2 = tr((W - W') H (W - W')^T)``.
 A rank-``k`` factorisation ``W' = A B`` stores ``A: (m, k)`` and ``B: (k, n)``.
@@ -30,7 +30,7 @@ EIG_FLOOR = 1e-8
 def rank_from_keep(m: int, n: int, keep: float) -> int:
     """Rank of an ``(m, n)`` matrix whose factors keep ``keep`` of its ``m * n`` parameters.
 
-    ``k = floor(keep * m * n / (m + n))`` (METHODS.md 1.1); a rank-k pair stores ``k (m + n)``.
+    ``k = floor(keep * m * n / (m + n))`` (the floor rule of SVD-LLM, ASVD and Duo-SVD's code); a rank-k pair stores ``k (m + n)``.
 
     Args:
         m: Output features.
@@ -171,7 +171,7 @@ class Whitening:
 def whitening(gram: Tensor, *, eig_floor: float = EIG_FLOOR) -> Whitening:
     """Factor ``H = T T^T`` in float64: Cholesky, with an eigenvalue fallback.
 
-    The fallback (METHODS.md 1.3) triggers when Cholesky fails or its smallest pivot is below
+    The fallback triggers when Cholesky fails or its smallest pivot is below
     ``eig_floor`` relative to the largest diagonal entry, i.e. H is singular to working precision
     (rank-deficient calibration inputs). Then ``H = Q L Q^T`` with eigenvalues clamped at
     ``eig_floor * lambda_max`` and ``T = Q L^{1/2}``; the caller records that it happened.
@@ -234,7 +234,7 @@ def diag_scaled_truncate(weight: Tensor, scale: Tensor, k: int, side: str = "inp
 
 
 def whitened_truncate(weight: Tensor, white: Whitening, k: int, driver: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Truncation-aware whitened SVD (SVD-LLM, METHODS.md 1.3): ``min_{rank<=k} ||(W - W') X||_F``.
+    """Truncation-aware whitened SVD (SVD-LLM, arXiv 2403.07378, Theorem 3.2): ``min_{rank<=k} ||(W - W') X||_F``.
 
     ``W T = U S V^T``; ``A = U_k S_k^{1/2}``, ``B = S_k^{1/2} V_k^T T^{-1}``. Because ``T^{-1} X`` has
     orthonormal rows, ``||(W - A B) X||_F^2 = sum_{i>k} s_i^2`` (the truncation-awareness theorem).

@@ -1,4 +1,4 @@
-"""Duo-SVD column-preserving factorizer (METHODS.md 6.1): trade rank for exact dense columns.
+"""Duo-SVD column-preserving factorizer (code github.com/Pupu792/CPSVD): trade rank for exact dense columns.
 
 For ``W: (m, n)`` at rank budget ``r`` (storage ``r (m + n)``), some input columns carry much more
 output error than others (outlier channels). Giving up ``dr`` ranks frees ``dr (m + n)`` numbers,
@@ -52,7 +52,7 @@ GOLDEN = (3.0 - math.sqrt(5.0)) / 2.0  # 0.381966...: the golden-section interio
 def columns_for_trade(m: int, n: int, rank: int, traded: int) -> int:
     """Dense columns bought by giving up ``traded`` of ``rank`` ranks at no extra storage.
 
-    ``c = floor(traded (m + n) / (m - (rank - traded)))`` (METHODS.md 6.1 step 3, floored), so
+    ``c = floor(traded (m + n) / (m - (rank - traded)))`` (Duo-SVD's rank trade, floored), so
     ``(rank - traded)(m + n - c) + m c <= rank (m + n)``.
     """
     if traded <= 0:
@@ -307,7 +307,7 @@ def search_trade(f: Callable[[int], float], hi: int, mode: str, grid: int = 8) -
 @register("factorizer")
 @dataclass(frozen=True)
 class ColumnPreservingFactorizer:
-    """Duo-SVD column preserving (METHODS.md 6.1) on top of SVD-LLM's whitened truncation.
+    """Duo-SVD column preserving on top of SVD-LLM's whitened truncation.
 
     Options:
         search: ``bracketed`` (default), ``golden`` (the paper's) or ``exhaustive`` trade search.

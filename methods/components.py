@@ -1,4 +1,4 @@
-"""The three plugin points of every method: allocator -> factorizer -> refiner (DESIGN.md).
+"""The three plugin points of every method: allocator -> factorizer -> refiner (README.md, "Methods").
 
 * An **allocator** turns the requested ratio into a keep ratio per target linear.
 * A **factorizer** turns ``(W, statistics, rank)`` into factors.

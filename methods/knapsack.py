@@ -1,4 +1,4 @@
-"""Duo-SVD module-adaptive allocation (METHODS.md 6.2): a KL-sensitivity multiple-choice knapsack.
+"""Duo-SVD module-adaptive allocation (Duo-SVD, code github.com/Pupu792/CPSVD): a KL-sensitivity multiple-choice knapsack.
 
 Each target linear ``j`` gets one keep ratio ``p`` from a candidate set. Its cost is the stored
 parameters at that keep, ``k_p (m + n)`` with ``k_p = floor(p m n / (m + n))`` (``m n`` when factoring

@@ -1,4 +1,4 @@
-"""Vanilla SVD (METHODS.md section 2): ``svd`` = uniform allocator + plain factorizer.
+"""Vanilla SVD (Eckart-Young truncation of each weight, the baseline of every paper here): ``svd`` = uniform allocator + plain factorizer.
 
 Eckart-Young: the rank-k truncation of ``W = U S V^T`` minimises ``||W - W'||_F`` and its error is
 ``sqrt(sum_{i>k} s_i^2)``. It ignores the data, which is why it collapses on real LLMs (LLaMA-7B at

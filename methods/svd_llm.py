@@ -1,4 +1,4 @@
-"""SVD-LLM, whitening only (METHODS.md section 3): ``svd-llm`` = uniform + whitened.
+"""SVD-LLM (Wang et al., arXiv 2403.07378), truncation-aware whitening only: ``svd-llm`` = uniform + whitened.
 
 Truncation-aware data whitening (Wang et al., ICLR 2025, Theorem 3.2): with ``H = X X^T = T T^T``
 the rank-k truncation of ``W T`` followed by ``T^{-1}`` minimises ``||(W - W') X||_F`` and each

@@ -1,6 +1,6 @@
 """Probe ``kl_sensitivity``: per-module KL deviation tables for Duo-SVD's allocator.
 
-``probe(candidates, n_sequences, base_keep) -> {module_name: {keep: D}}`` (METHODS.md 6.2):
+``probe(candidates, n_sequences, base_keep) -> {module_name: {keep: D}}`` (Duo-SVD's module sensitivity):
 
 * base state: every target linear replaced by its rank-``k(base_keep)`` whitened truncation
   (SVD-LLM factors from the dense Grams);

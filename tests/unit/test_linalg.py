@@ -1,4 +1,4 @@
-"""Properties of the linear-algebra core on random matrices (METHODS.md sections 1-3)."""
+"""Properties of the linear-algebra core on random matrices (rank rule, whitening, truncation)."""
 
 from __future__ import annotations
 

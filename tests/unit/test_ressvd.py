@@ -1,4 +1,4 @@
-"""ResSVD on random tensors: the residual factorizer (METHODS.md 5.1) and the last-layers allocator (5.2)."""
+"""ResSVD on random tensors: the residual factorizer and the last-layers allocator (docs/methods/ressvd.md)."""
 
 from __future__ import annotations
 
