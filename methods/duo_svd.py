@@ -1,8 +1,5 @@
 """Duo-SVD: ``duo-svd`` = KL-knapsack allocator + column-preserving factorizer.
 
-Paper: "Beyond Uniform SVD: Dual-Level Optimization across Columns and Modules for LLM Compression"
-(code: github.com/Pupu792/CPSVD).
-
 "Beyond Uniform SVD: Dual-Level Optimization across Columns and Modules for LLM Compression"
 (official code: Pupu792/CPSVD). Two independent parts, each a registered component so that they
 compose with the rest of the registry:
