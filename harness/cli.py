@@ -151,12 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.sweep.cli import add_sweep_subcommand
 
     add_sweep_subcommand(sub)
-    try:
-        from harness.report.cli import add_report_subcommands
-    except ImportError:
-        pass
-    else:
-        add_report_subcommands(sub)
+    from harness.report.cli import add_report_subcommands  # pandas, matplotlib: core dependencies
+
+    add_report_subcommands(sub)
     return parser
 
 

@@ -74,16 +74,17 @@ def read_record(path: Path, repair: bool = True) -> dict[str, Any] | None:
         return None
 
 
-def git_state() -> dict[str, Any]:
-    """Git sha and dirty flag of the svdbench source tree (None outside a checkout)."""
-    root = Path(__file__).resolve().parent.parent
+def git_state(where: Path | None = None) -> dict[str, Any]:
+    """Git sha and dirty flag (tracked files changed) of the repository holding ``where`` (default: the
+    svdbench source tree); None for both outside a checkout or when git does not answer in 10 s."""
+    root = where if where is not None else Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(
-            subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
-        )
-        return {"git_sha": sha, "git_dirty": dirty}
-    except (OSError, subprocess.CalledProcessError):
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                                  timeout=10).stdout.strip()
+
+        return {"git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
         return {"git_sha": None, "git_dirty": None}
 
 

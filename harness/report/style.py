@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from harness.records import git_state
 from harness.report.cells import method_display_name
 
 __all__ = [
@@ -102,13 +102,21 @@ class MethodStyle:
 
 
 # Fixed assignments for the methods we ship. Black is reserved for the dense reference.
+# Labels come from the one table of display names (harness.report.cells), as in every report.
 METHOD_STYLES: dict[str, MethodStyle] = {
-    "dense": MethodStyle(OKABE_ITO["black"], "", "--", "Original (dense)"),
-    "svd": MethodStyle(OKABE_ITO["orange"], "o", "-", "SVD"),
-    "svd-llm": MethodStyle(OKABE_ITO["sky_blue"], "s", "-", "SVD-LLM"),
-    "adasvd": MethodStyle(OKABE_ITO["bluish_green"], "^", "-", "AdaSVD"),
-    "ressvd": MethodStyle(OKABE_ITO["vermillion"], "D", "-", "ResSVD"),
-    "duo-svd": MethodStyle(OKABE_ITO["reddish_purple"], "v", "-", "Duo-SVD"),
+    name: MethodStyle(OKABE_ITO[color], marker, line, method_display_name(name))
+    for name, color, marker, line in (
+        ("dense", "black", "", "--"),
+        ("svd", "orange", "o", "-"),
+        ("svd-llm", "sky_blue", "s", "-"),
+        ("adasvd", "bluish_green", "^", "-"),
+        ("ressvd", "vermillion", "D", "-"),
+        ("duo-svd", "reddish_purple", "v", "-"),
+        ("fwsvd", "blue", "P", "-"),
+        ("asvd", "yellow", "X", "-"),
+        ("svd-llm-v2", "sky_blue", "*", "--"),
+        ("basis-sharing", "blue", "h", "--"),
+    )
 }
 
 # Fallback pools for methods not in the table: markers the table does not use, and all palette
@@ -172,25 +180,11 @@ def git_sha(path: str | Path | None = None) -> str:
     from uncommitted code cannot be regenerated from the sha alone.
     """
     where = Path(path) if path is not None else Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(where), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    state = git_state(where)
+    if state["git_sha"] is None:
         logger.info("could not read the git sha of %s; recording 'unknown'", where)
         return "unknown"
-    return f"{sha}-dirty" if dirty else sha
+    return state["git_sha"] + ("-dirty" if state["git_dirty"] else "")
 
 
 def save_figure(

@@ -35,7 +35,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
         data_dir: Explicit pack directory, or None to use the environment variable.
 
     Returns:
-        The existing pack directory.
+        The existing pack directory, made absolute.
 
     Raises:
         FileNotFoundError: If no directory is configured or it does not exist.
@@ -45,7 +45,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
         raise FileNotFoundError(
             f"Local zero-shot tasks need the offline data pack: pass data_dir or set ${DATA_ENV}."
         )
-    path = Path(raw).expanduser()
+    path = Path(raw).expanduser().resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"Data pack directory {path} does not exist.")
     return path

@@ -83,8 +83,11 @@ def test_unknown_kind() -> None:
 def test_method_styles_are_fixed_and_deterministic() -> None:
     assert method_style("svd-llm") == METHOD_STYLES["svd-llm"]
     assert method_style("svd-llm").color == OKABE_ITO["sky_blue"]
-    colors = [s.color for m, s in METHOD_STYLES.items() if m != "dense"]
-    assert len(set(colors)) == len(colors)  # one colour per shipped method
+    # Nine methods, seven non-black Okabe-Ito colours: every shipped method has its own colour and marker pair,
+    # and its label is the reports' display name.
+    pairs = [(s.color, s.marker) for m, s in METHOD_STYLES.items() if m != "dense"]
+    assert len(set(pairs)) == len(pairs) and len({marker for _, marker in pairs}) == len(pairs)
+    assert METHOD_STYLES["dense"].label == "Original" and METHOD_STYLES["svd-llm-v2"].label == "SVD-LLM V2"
     unknown = method_style("my-new-method")
     assert unknown == method_style("my-new-method") and unknown.label == "my-new-method"
     variant = method_style("svd-llm+adacomp")
