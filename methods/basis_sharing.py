@@ -151,7 +151,7 @@ class BasisSharingFactorizer:
         shared = SharedBasis(basis)
         names = [mod.name for mod, *_ in group]
         info = {"shared_with": names, "shared_rank": k, **_white_info(white)}
-        return {mod.name: SharedBasisFactorization(c, shared, counts_basis=i == 0, spectrum=s, info=info)
+        return {mod.name: SharedBasisFactorization.member(c, shared, counts_basis=i == 0, spectrum=s, info=info)
                 for i, ((mod, *_), c) in enumerate(zip(group, coeffs, strict=True))}
 
 

@@ -9,11 +9,13 @@ and the bias are the member's own. :class:`SharedBasisFactorization` has the int
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from methods.lowrank import Factorization
 
 
 class SharedBasis:
@@ -70,38 +72,34 @@ class SharedBasisLinear(nn.Module):
 
 
 @dataclass
-class SharedBasisFactorization:
-    """``W_l' = C_l B`` for one member of a basis-sharing group.
+class SharedBasisFactorization(Factorization):
+    """``W_l' = C_l B`` for one member of a basis-sharing group: a :class:`Factorization` whose ``b`` is
+    the group's basis, materialised as one shared parameter.
 
     Attributes:
         a: ``C_l: (m, k)`` float64.
+        b: ``B: (k, n)``, the group's basis (``shared.basis``).
         shared: The group's :class:`SharedBasis`.
         counts_basis: True for the one member whose ``param_count`` includes ``B``.
         spectrum: Singular values of the group's stacked whitened weights.
         info: JSON-able facts (group members, shared rank).
     """
 
-    a: Tensor
-    shared: SharedBasis
-    counts_basis: bool
-    spectrum: Tensor | None = None
-    info: dict[str, object] = field(default_factory=dict)
+    shared: SharedBasis | None = None
+    counts_basis: bool = False
 
-    @property
-    def b(self) -> Tensor:
-        return self.shared.basis
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[1])
-
-    def dense(self) -> Tensor:
-        return self.a.double() @ self.b.double()
+    @classmethod
+    def member(cls, coeff: Tensor, shared: SharedBasis, counts_basis: bool, spectrum: Tensor | None = None,
+               info: dict[str, object] | None = None) -> SharedBasisFactorization:
+        return cls(coeff, shared.basis, spectrum=spectrum, info=dict(info or {}), shared=shared,
+                   counts_basis=counts_basis)
 
     def param_count(self) -> int:
         """``m k``, plus ``k n`` for the member that carries the shared basis."""
         return int(self.a.numel() + (self.b.numel() if self.counts_basis else 0))
 
     def to_module(self, bias: Tensor | None, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+        if self.shared is None:
+            raise ValueError("a shared-basis factorization needs its group's SharedBasis")
         b_ = None if bias is None else bias.detach().to(device=device, dtype=dtype)
         return SharedBasisLinear(self.shared.parameter(dtype, device), self.a.to(device=device, dtype=dtype), b_)
