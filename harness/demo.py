@@ -47,21 +47,29 @@ TINY = DemoSetting(ratios=(0.4, 0.6), calib_samples=64, calib_seqlen=256, eval_s
 DEMO_MODELS = ("smollm2-135m", *REFERENCE_SPECS)
 
 
-def demo(results: str | Path = "results/demo", model: str = "smollm2-135m") -> int:
-    """Run the demo on ``model`` (``smollm2-135m`` or a reference model name); returns the exit code."""
+def demo_config(results: str | Path = "results/demo", model: str = "smollm2-135m") -> RunConfig:
+    """The demo's run config on ``model`` (a reference model is trained first if not cached).
+
+    Raises:
+        ValueError: for a model the demo does not know (before any work).
+    """
     if model not in DEMO_MODELS:
         raise ValueError(f"demo model must be one of {', '.join(DEMO_MODELS)}, got {model!r}")
     pack = data.data_dir()
     calib = pack / "wikitext-2-v1" / "valid.txt"  # type: ignore[operator]
     setting = SMOLLM2 if model == "smollm2-135m" else TINY
     model_id = model if model == "smollm2-135m" else str(ensure_reference_model(model, data_dir=pack))
-    cfg = RunConfig(
+    return RunConfig(
         model=model_id, methods=DEMO_METHODS, ratios=setting.ratios, evals=("wikitext2",),
         calib=f"file:{calib}", calib_samples=setting.calib_samples, calib_seqlen=setting.calib_seqlen, seed=0,
         eval_seqlen=setting.eval_seqlen, eval_window_stride=setting.eval_window_stride, results=str(results),
         svd_driver=setting.svd_driver, eval_batch_size=4, dtype="float32",
     )
-    run(cfg)
+
+
+def demo(results: str | Path = "results/demo", model: str = "smollm2-135m") -> int:
+    """Run the demo on ``model`` (``smollm2-135m`` or a reference model name); returns the exit code."""
+    run(demo_config(results, model))
     print(render_leaderboard(load_store(Path(results)), "md"))
     log.info("records in %s", results)
     return 0

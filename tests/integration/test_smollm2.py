@@ -69,3 +69,19 @@ def test_plain_svd_collapses_and_whitening_rescues(tmp_path):
     assert ppl["svd"] > 100 * ppl["dense"]
     assert ppl["svd-llm"] < 10 * ppl["dense"]
     assert abs(records["svd-llm"]["achieved_ratio"] - 0.2) < 0.005
+
+
+def test_demo_cells_are_the_reference_leaderboards_seed_0_cells(tmp_path, monkeypatch):
+    """README's demo figures are records of the shipped leaderboard: same run keys (no weights loaded)."""
+    from pathlib import Path
+
+    from harness.demo import demo_config
+    from harness.runner import planned_keys, prepare
+    from harness.sweep.plan import plan_cells
+    from harness.sweep.spec import load_spec
+
+    root = Path(__file__).resolve().parents[2]
+    demo_keys = planned_keys(prepare(demo_config(tmp_path / "demo")))
+    spec = load_spec(root / "benchmarks" / "reference_leaderboard.yaml", ["methods=[svd,svd-llm]", "seeds=[0]"])
+    reference = {(c.method, c.ratio): c.key for c in plan_cells(spec, build_references=False)}
+    assert demo_keys == reference and len(demo_keys) == 5  # dense + 2 methods x 2 ratios
