@@ -18,7 +18,8 @@ def test_make_reference_results_on_a_small_override(tiny_model, tmp_path, monkey
         "--results", str(results), "--figures", str(figures),
         f"models=[{tiny_model}]", "methods=[svd,svd-llm]", "ratios=[0.4]",
         f"calibration.source=file:{tiny_model.parent / 'calib.txt'}", "calibration.samples=8",
-        "calibration.seqlen=64", "eval.max_windows=4",
+        "calibration.seqlen=64", "eval.seqlen=null", "eval.window_stride=null", "eval.max_windows=4",
+        "svd_driver=null",
     ])
     assert code == 0
     assert len(records(results)) == 3  # dense + 2 methods x 1 ratio
