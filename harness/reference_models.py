@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -395,6 +396,15 @@ def ensure_reference_model(
         FileNotFoundError: If no data pack is given or found (see ``SVDBENCH_DATA``).
     """
     final = reference_model_path(name, data_dir, cache_dir, seed=seed)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # One trainer per model: concurrent processes (test workers, sweep jobs on one node) wait for it
+    # and then find the cached model, instead of all training the same one.
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_locked(name, final, data_dir, device, seed)
+
+
+def _ensure_locked(name: str, final: Path, data_dir: str | Path | None, device: str, seed: int) -> Path:
     if is_trained(final):
         bad = _damaged_files(final)
         if not bad:

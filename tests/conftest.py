@@ -41,7 +41,13 @@ def tiny_model_dirs() -> dict[str, Path]:
     """
     from harness.reference_models import ensure_reference_model
 
-    return {family: ensure_reference_model(f"tiny-{family}") for family in ("llama", "opt")}
+    # Under xdist one worker trains (the others wait on the cache lock): give it every core meanwhile.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or threads)
+    try:
+        return {family: ensure_reference_model(f"tiny-{family}") for family in ("llama", "opt")}
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
