@@ -16,7 +16,7 @@ def test_make_reference_results_on_a_small_override(tiny_model, tmp_path, monkey
     results, figures = tmp_path / "reference", tmp_path / "figures"
     code = main([
         "--results", str(results), "--figures", str(figures),
-        f"models=[{tiny_model}]", "methods=[svd,svd-llm]", "ratios=[0.4]",
+        f"models=[{tiny_model}]", "methods=[svd,svd-llm]", "ratios=[0.4]", "seeds=[0]",
         f"calibration.source=file:{tiny_model.parent / 'calib.txt'}", "calibration.samples=8",
         "calibration.seqlen=64", "eval.seqlen=null", "eval.window_stride=null", "eval.max_windows=4",
         "svd_driver=null",
