@@ -268,16 +268,20 @@ def test_shipped_results_site_in_headless_chromium(chrome: Any, tmp_path: Path) 
     assert _console_errors(chrome) == []
 
     # A click on a row opens its record's page.
-    row = next(r for r in body_rows(first.model) if r.get_attribute("data-ratio") == "0.4" and cell(r, 1) == "SVD-LLM")
+    # (SVD-LLM rows carry their calibration in the label when a model has several, e.g. efficiency records.)
+    row = next(r for r in body_rows(first.model) if r.get_attribute("data-ratio") == "0.4"
+               and re.fullmatch(r"SVD-LLM( \(.*\))?", cell(r, 1)))
+    label = cell(row, 1)
     target = row.get_attribute("data-href")
     row.find_elements(By.TAG_NAME, "td")[3].click()  # anywhere on the row, not only on the link
     WebDriverWait(chrome, 20).until(lambda d: d.current_url.endswith(target))
-    i = first.rows.index[(first.rows["label"] == "SVD-LLM") & (first.rows["ratio"] == 0.4)][0]
+    i = first.rows.index[(first.rows["label"] == label) & (first.rows["ratio"] == 0.4)][0]
     source = next(m["source_file"] for m in first.rows.at[i, "members"] if m["status"] == "ok")
     record = json.loads(Path(source).read_text())
     assert "SVD-LLM at 40%" in chrome.find_element(By.TAG_NAME, "h1").text
     assert len(chrome.find_elements(By.CSS_SELECTOR, "table.layers tbody tr")) == len(record["layers"]) > 0
-    assert "Provenance" in chrome.page_source and record["provenance"]["git_sha"] in chrome.page_source
+    sha = record["provenance"].get("git_sha")  # None for records made outside a git checkout
+    assert "Provenance" in chrome.page_source and (sha is None or sha in chrome.page_source)
     _full_page_screenshot(chrome, shots / "detail.png")
     assert _console_errors(chrome) == []
     for name in ("leaderboard.png", "detail.png"):
