@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.cli import main as svdbench
+from harness.perplexity import PROTOCOLS as PERPLEXITY_PROTOCOLS
 from harness.sweep.spec import load_spec
 
 log = logging.getLogger("benchmarks.make_reference_results")
@@ -55,8 +56,8 @@ def make_reference_results(results: str | Path = "results/reference", figures: s
             return code
     name = Path(spec).stem.replace("_", "-")
     # Perplexity sweeps plot perplexity; others (an encoder's embed-fidelity) their first metric.
-    evals = load_spec(spec).evals
-    kind = ["ppl-vs-ratio"] if set(evals) & {"wikitext2", "ptb", "c4"} else ["metric-vs-ratio", "--metric", evals[0]]
+    evals = load_spec(spec, overrides).evals
+    kind = ["ppl-vs-ratio"] if set(evals) & set(PERPLEXITY_PROTOCOLS) else ["metric-vs-ratio", "--metric", evals[0]]
     steps = [
         ["leaderboard", str(results), "--format", "md", "--output", str(Path(results) / "leaderboard.md")],
         ["plot", str(results), "--kind", *kind[:1], "rank-allocation", *kind[1:], "--out", str(figures), "--sweep-id", name],
