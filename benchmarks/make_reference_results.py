@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.cli import main as svdbench
-from harness.perplexity import PROTOCOLS as PERPLEXITY_PROTOCOLS
+from harness.evaluations.perplexity import PROTOCOLS as PERPLEXITY_PROTOCOLS
 from harness.sweep.spec import load_spec
 
 log = logging.getLogger("benchmarks.make_reference_results")

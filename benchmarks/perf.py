@@ -48,8 +48,8 @@ from harness.engine.capture import capture_block_inputs
 from harness.engine.compress import compress_model, restore
 from harness.engine.offload import placement, resident, streamed_logits
 from harness.engine.statistics import CalibrationStatistics
+from harness.evaluations.perplexity import perplexity
 from harness.models import count_params, discover
-from harness.perplexity import perplexity
 from methods import parse_method
 from methods.statistics import InputGram
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from methods.method import split_method_list
 
 if TYPE_CHECKING:
-    from harness.runner import RunConfig
+    from harness.runs import RunConfig
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -23,6 +23,17 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _eval_option(text: str) -> tuple[str, str, object]:
+    """``NAME.KEY=VALUE`` (VALUE read as YAML: numbers, booleans, lists) -> (evaluation, option, value)."""
+    import yaml
+
+    target, sep, value = text.partition("=")
+    name, dot, key = target.rpartition(".")
+    if not sep or not dot or not name or not key:
+        raise argparse.ArgumentTypeError(f"expected EVALUATION.OPTION=VALUE, got {text!r}")
+    return name, key, yaml.safe_load(value)
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,13 +63,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="perplexity on every k-th window only: a named subset of the whole text (protocol id :every<k>)")
     p.add_argument("--tasks", type=_names, default=None, help="lm-eval tasks for --eval zeroshot")
     p.add_argument("--limit", type=int, default=None, help="lm-eval --limit (smoke only; recorded, refused by leaderboards)")
+    p.add_argument("--eval-option", action="append", type=_eval_option, default=[], metavar="EVAL.OPTION=VALUE",
+                   help="an option of a registered evaluation (repeatable); enters the run key and the record")
     p.add_argument("--results", default="results", help="directory for the JSON records")
     p.add_argument("--eval-offload", default="auto", choices=("auto", "never", "always"),
                    help="auto: evaluate with blocks streamed through the device when the model does not fit on it")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from harness.runner import run
+    from harness.runs import run
 
     for path in run(_run_config(args)):
         print(path)
@@ -66,15 +79,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
-    from harness.runner import RunConfig
+    from harness.runs import RunConfig, freeze_eval_options
 
+    options: dict[str, dict[str, object]] = {}
+    for name, key, value in args.eval_option:
+        options.setdefault(name, {})[key] = value
     return RunConfig(
         model=args.model, methods=args.method, ratios=args.ratio, evals=args.eval, calib=args.calib,
         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, eval_seqlen=args.eval_seqlen,
         eval_batch_size=args.eval_batch_size, eval_max_windows=args.eval_max_windows, limit=args.limit,
         tasks=args.tasks, seed=args.seed, device=args.device, dtype=args.dtype, results=args.results,
         eval_offload=args.eval_offload, eval_window_stride=args.eval_window_stride, svd_driver=args.svd_driver,
-        export=getattr(args, "export", None),
+        export=getattr(args, "export", None), eval_options=freeze_eval_options(options),
     )
 
 
@@ -88,7 +104,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_spectra(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from harness.runner import RunConfig, Session, prepare
+    from harness.runs import RunConfig, Session, prepare
     from harness.spectra_dump import dump_spectra
 
     cfg = RunConfig(model=args.model, methods=("svd-llm",), ratios=(args.ratio or 0.5,), evals=(), calib=args.calib,

@@ -22,7 +22,7 @@ from harness import data
 from harness.reference_models import REFERENCE_SPECS, ensure_reference_model
 from harness.report.leaderboard import render_leaderboard
 from harness.report.store import load_store
-from harness.runner import RunConfig, run
+from harness.runs import RunConfig, run
 
 log = logging.getLogger(__name__)
 

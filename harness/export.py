@@ -456,7 +456,7 @@ def export_cell(session: Any, method: Any, ratio: float, key: str, result: Any) 
     An existing complete export of the same cell is kept (a re-run resumes).
 
     Args:
-        session: :class:`harness.runner.Session` whose model is compressed.
+        session: :class:`harness.runs.Session` whose model is compressed.
         method: The :class:`methods.Method`.
         ratio: Requested ratio.
         key: The cell's run key (also the directory name).
@@ -476,7 +476,7 @@ def compress_and_export(session: Any, method: Any, ratio: float, out: Path | str
     """Compress the session's dense model, export it (no evaluation), restore the dense model.
 
     Args:
-        session: A :class:`harness.runner.Session`.
+        session: A :class:`harness.runs.Session`.
         method: The :class:`methods.Method`.
         ratio: Fraction of target-linear parameters removed.
         out: Target directory; default ``<session.cfg.export>/<run key>``.
@@ -484,24 +484,19 @@ def compress_and_export(session: Any, method: Any, ratio: float, out: Path | str
     Returns:
         The export directory.
     """
-    from harness.engine.compress import compress_model, restore
-    from harness.records import run_key
-    from harness.runner import key_fields
-
-    source = session.statistics()
     method_block = {"name": method.name, "config": method.config()}
-    key = run_key(key_fields(session.prep, session.model_info, method_block, ratio, session.calibration.record()))
+    key = session.cell_key(method, ratio)
     if out is None and export_is_complete(Path(session.cfg.export) / key, key):
         log.info("export exists: %s", Path(session.cfg.export) / key)
         return Path(session.cfg.export) / key
-    result = compress_model(session.model, session.layout, method, ratio, source, probes=session.probes(method))
+    cell = session.compress(method, ratio)
     try:
         if out is None:
-            return export_cell(session, method, ratio, key, result)
+            return export_cell(session, method, ratio, key, cell.result)
         return export_model(session.model, session.tokenizer, out, method=method_block, ratio=ratio, run_key=key,
-                            base_model=session.model_info, compression=compression_summary(result))
+                            base_model=session.model_info, compression=compression_summary(cell.result))
     finally:
-        restore(session.model, result)
+        session.restore(cell)
 
 
 def export_from_config(cfg: Any, out: Path | str) -> Path:
@@ -510,7 +505,7 @@ def export_from_config(cfg: Any, out: Path | str) -> Path:
     The evaluation flags of ``cfg`` are not run; they only enter the recorded run key, so that it
     names the record a ``svdbench run`` with the same flags writes.
     """
-    from harness.runner import Session, prepare
+    from harness.runs import Session, prepare
 
     if len(cfg.methods) != 1 or len(cfg.ratios) != 1:
         raise ValueError(f"export takes one method and one ratio, got {len(cfg.methods)} and {len(cfg.ratios)}")

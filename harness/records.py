@@ -12,6 +12,7 @@ import json
 import logging
 import platform
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -126,3 +127,59 @@ def peak_memory_bytes(device: torch.device) -> dict[str, Any]:
     import resource
 
     return {"bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "kind": "cpu_max_rss"}
+
+
+# -- the record builders: every record dictionary is made here --------------------------------------
+def record_header(key: str, model: Mapping[str, Any], limit: int | None, prov: Mapping[str, Any],
+                  method: Mapping[str, Any], ratio: float, calibration: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The fields every record has, whatever its status (a cell that failed before compressing too)."""
+    return {
+        "schema_version": SCHEMA_VERSION, "run_key": key, "status": "ok", "error": None,
+        "model": dict(model), "limit": limit, "provenance": dict(prov),
+        "method": dict(method), "ratio": ratio, "calibration": None if calibration is None else dict(calibration),
+    }
+
+
+def failed_record(header: Mapping[str, Any], error: str) -> dict[str, Any]:
+    """A failed cell: its header, ``status: failed`` and the traceback."""
+    return {**header, "status": "failed", "error": error}
+
+
+def dense_record(header: Mapping[str, Any], params_targets: int, params_model: int, metrics: Mapping[str, Any],
+                 evaluation: Mapping[str, Any], timings_s: Mapping[str, float], peak_bytes: int) -> dict[str, Any]:
+    """The dense model's record: nothing removed, its metrics, the same fields as a compressed cell."""
+    return {
+        **header,
+        "achieved_ratio": 0.0, "achieved_ratio_model": 0.0,
+        "params_dense": params_targets, "params_compressed": params_targets,
+        "params_model_dense": params_model, "params_model_compressed": params_model,
+        "metrics": dict(metrics), "evaluation": dict(evaluation), "timings_s": dict(timings_s),
+        "peak_memory_bytes": peak_bytes, "numerics": {}, "layers": [],
+    }
+
+
+def cell_record(header: Mapping[str, Any], counts: Mapping[str, Any], metrics: Mapping[str, Any],
+                evaluation: Mapping[str, Any], timings_s: Mapping[str, float], statistics_cached: bool,
+                statistics: Mapping[str, Any], probes: Mapping[str, Any], peak_bytes: int,
+                numerics: Mapping[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """A compressed cell's record.
+
+    Args:
+        header: :func:`record_header`.
+        counts: Parameter counts and achieved ratios (:meth:`CompressionResult.counts`).
+        metrics: ``{evaluation: result}``.
+        evaluation: Where the model ran (``placement``) and the evaluation options when set.
+        timings_s: Seconds per stage (load, statistics, allocation, factorization, compress, eval).
+        statistics_cached: True when no dense statistics pass ran for this cell.
+        statistics: What the engine collected (keys, shared inputs, Gram product, SVD driver).
+        probes: Engine measurements the allocator ran (forwards, seconds, cache hit).
+        peak_bytes: Peak device (or process) memory.
+        numerics: Whitening fallbacks and other numerical facts.
+        layers: One entry per target linear (rank, keep, reported statistics).
+    """
+    return {
+        **header, **counts,
+        "metrics": dict(metrics), "evaluation": dict(evaluation), "timings_s": dict(timings_s),
+        "statistics_cached": statistics_cached, "statistics": dict(statistics), "probes": dict(probes),
+        "peak_memory_bytes": peak_bytes, "numerics": dict(numerics), "layers": layers,
+    }

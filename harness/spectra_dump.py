@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from harness.models import get_module
-from harness.runner import Session
+from harness.runs import Session
 from methods._linalg import rank_from_ratio
 from methods.statistics import InputGram
 

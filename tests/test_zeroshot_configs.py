@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from harness import zeroshot_tasks as zt
+from harness.evaluations import zeroshot_tasks as zt
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ENV = os.environ.get("SVDBENCH_DATA")
@@ -40,7 +40,7 @@ BUILTINS = {
 
 
 # ----------------------------------------------------------------------------- pack -> hub schema
-# Written independently of harness/tasks/utils.py: straight from the raw pack files.
+# Written independently of harness/evaluations/tasks/utils.py: straight from the raw pack files.
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -222,7 +222,7 @@ def test_choose_mode_offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_missing_lm_eval_gives_actionable_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from harness import zeroshot
+    from harness.evaluations import zeroshot
 
     # None in sys.modules makes `import lm_eval` raise ImportError, as on an image without it.
     monkeypatch.setitem(sys.modules, "lm_eval", None)
@@ -238,7 +238,7 @@ def test_harness_imports_without_datasets() -> None:
     code = (
         "import sys\n"
         "sys.modules['datasets'] = None\n"
-        "import harness.zeroshot as z, harness.zeroshot_tasks\n"
+        "import harness.evaluations.zeroshot as z, harness.evaluations.zeroshot_tasks\n"
         "assert 'lm_eval' not in sys.modules, 'lm_eval imported eagerly'\n"
         "try:\n"
         "    z.lm_eval_version()\n"

@@ -20,8 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.report.metrics import (  # re-exported: the registry is part of the store's API
-    METRICS,
+from harness.report.metrics import (  # re-exported: metric lookup is part of the store's API
     MetricSpec,
     UnknownMetricError,
     metric_columns,
@@ -31,7 +30,6 @@ from harness.report.metrics import (  # re-exported: the registry is part of the
 __all__ = [
     "SUPPORTED_SCHEMA_VERSIONS",
     "StoreError",
-    "METRICS",
     "MetricSpec",
     "UnknownMetricError",
     "resolve_metric",

@@ -1,7 +1,7 @@
 """A sweep's cells, their run keys and their status in the result store, without loading weights.
 
 Each cell is one result record: the dense baseline of a model, or one (method, ratio, seed) of it.
-Its run key comes from :func:`harness.runner.planned_keys` (the same function the engine names
+Its run key comes from :func:`harness.runs.planned_keys` (the same function the engine names
 records with), so "is this cell done?" is one file lookup: ``<results>/<run_key>.json``.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.records import read_record
-from harness.runner import RunConfig, planned_keys, prepare
+from harness.runs import RunConfig, planned_keys, prepare
 from harness.sweep.spec import SpecError, SweepSpec
 
 __all__ = ["Cell", "cell_status", "format_plan", "group_cells", "plan_cells", "run_config"]
@@ -70,7 +70,7 @@ def run_config(spec: SweepSpec, model: str, seed: int) -> RunConfig:
         eval_seqlen=ev.seqlen, eval_batch_size=ev.batch_size, eval_max_windows=ev.max_windows,
         limit=ev.limit, tasks=ev.tasks, seed=seed, device=spec.device, dtype=spec.dtype,
         results=str(Path(spec.results).expanduser().resolve()), eval_window_stride=ev.window_stride,
-        eval_offload=ev.offload, svd_driver=spec.svd_driver,
+        eval_offload=ev.offload, svd_driver=spec.svd_driver, eval_options=ev.options,
     )
 
 
@@ -82,7 +82,7 @@ def plan_cells(spec: SweepSpec, build_references: bool = True) -> list[Cell]:
     ``build_references`` is False (dry runs), where an untrained one is a :class:`SpecError`.
 
     Raises:
-        SpecError: when a group fails :func:`harness.runner.prepare` or its tokenizer cannot load.
+        SpecError: when a group fails :func:`harness.runs.prepare` or its tokenizer cannot load.
         FileNotFoundError: for missing data (calibration file, evaluation data).
     """
     cells: list[Cell] = []

@@ -133,7 +133,7 @@ def _parse_seeds(value: Any, path: str) -> tuple[int, ...]:
 
 
 def _parse_evals(value: Any, path: str) -> tuple[str, ...]:
-    from harness.evaluate import EVALUATIONS
+    from harness.evaluations import EVALUATIONS
 
     names = convert(value, tuple[str, ...], path)
     if not names:
@@ -142,6 +142,17 @@ def _parse_evals(value: Any, path: str) -> tuple[str, ...]:
         if name not in EVALUATIONS:
             raise unknown("evaluation", name, f"{path}[{i}]", EVALUATIONS.names())
     return unique(list(names), path, str)
+
+
+def _parse_eval_options(value: Any, path: str) -> tuple:
+    """``{evaluation: {option: value}}`` (checked against the registry when the run is prepared)."""
+    from harness.runs.config import freeze_eval_options
+
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+        raise SpecError(f"expected a mapping of evaluation -> {{option: value}} at {path}, got {value!r}")
+    return freeze_eval_options(value)
 
 
 def _positive(value: Any, path: str) -> int | None:
@@ -241,6 +252,8 @@ class EvalSpec:
     limit: int | None = field(default=None, metadata=parse_with(_positive))
     tasks: tuple[str, ...] | None = None
     offload: str = "auto"
+    # Options of registered evaluations, ``{evaluation: {option: value}}`` (``--eval-option``).
+    options: tuple = field(default=(), metadata=parse_with(_parse_eval_options))
 
 
 def _parse_sbatch(value: Any, path: str) -> tuple[tuple[str, str | bool], ...]:

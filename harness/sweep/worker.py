@@ -1,7 +1,7 @@
 """The unit of work every executor runs: one group of cells that share a model and calibration.
 
-:func:`run_group` loads the model once (one :class:`harness.runner.Session`), computes (or loads
-from the disk cache) the dense statistics once, and runs each cell. A failing cell is recorded with
+:func:`run_group` hands the group to the one run loop (:func:`harness.runs.run_cells`): one model
+load, the dense statistics computed (or loaded from the disk cache) once, each cell in turn. A failing cell is recorded with
 its traceback and the others still run. The function is a plain top-level callable over picklable
 arguments, so it runs the same in-process, in a spawned worker or in a submitit job.
 """
@@ -11,13 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.records import SCHEMA_VERSION, git_state, read_record, svdbench_version, write_json_atomic
+from harness.records import (
+    failed_record,
+    git_state,
+    read_record,
+    record_header,
+    svdbench_version,
+    write_json_atomic,
+)
 from harness.sweep.markers import clear_running, mark_running
 from harness.sweep.plan import Cell
 
@@ -61,23 +67,16 @@ def record_failure(cell: Cell, error: str) -> Outcome:
     existing = read_record(cell.path) if cell.path.is_file() else None
     if existing is not None and existing.get("status") == "ok":
         return Outcome(cell, "ok")
-    write_json_atomic(cell.path, {
-        "schema_version": SCHEMA_VERSION,
-        "run_key": cell.key,
-        "status": "failed",
-        "error": error,
-        "model": {"id": cell.run.model, "name": _model_name(cell.run.model)},
-        "method": {"name": cell.method, "config": None},
-        "ratio": cell.ratio,
-        "calibration": None,
-        "limit": cell.run.limit,
-        "provenance": {"svdbench_version": svdbench_version(), **git_state(), "seed": cell.seed},
-    })
+    header = record_header(cell.key, {"id": cell.run.model, "name": _model_name(cell.run.model)}, cell.run.limit,
+                           {"svdbench_version": svdbench_version(), **git_state(), "seed": cell.seed},
+                           {"name": cell.method, "config": None}, cell.ratio, None)
+    write_json_atomic(cell.path, failed_record(header, error))
     return Outcome(cell, "failed", error)
 
 
 def run_group(cells: Sequence[Cell]) -> list[Outcome]:
-    """Run ``cells`` (one group: equal ``run`` configs) against one loaded model.
+    """Run ``cells`` (one group: equal ``run`` configs) against one loaded model, through the one
+    run loop :func:`harness.runs.run_cells`.
 
     Args:
         cells: The group's cells to run; a dense cell, if present, runs first.
@@ -88,9 +87,7 @@ def run_group(cells: Sequence[Cell]) -> list[Outcome]:
     Raises:
         ValueError: when the cells do not share one run config.
     """
-    import torch
-
-    from harness.runner import Session, prepare
+    from harness.runs import run_cells
 
     if not cells:
         return []
@@ -98,46 +95,35 @@ def run_group(cells: Sequence[Cell]) -> list[Outcome]:
     if any(c.run != cfg for c in cells):
         raise ValueError("run_group: cells of one group must share their run config")
     cells = sorted(cells, key=lambda c: not c.is_dense)  # stable: dense first, the rest in order
+    by_item = {(c.method, c.ratio): c for c in cells}
     delay = float(os.environ.get(DELAY_ENV) or 0.0)
+    before_mtime: dict[str, int | None] = {}
+
+    def before(method: str, ratio: float) -> None:
+        cell = by_item[(method, ratio)]
+        before_mtime[cell.key] = _mtime(cell.path)
+        mark_running(cell)  # for --status; removed in after() however the cell ends
+        if delay and not cell.is_dense:
+            time.sleep(delay)
+
+    def after(method: str, ratio: float) -> None:
+        clear_running(by_item[(method, ratio)])
+
     log.info("group %s (seed %d): %d cell(s)", cells[0].model, cfg.seed, len(cells))
-    try:
-        prep = prepare(cfg)
-        torch.manual_seed(cfg.seed)
-        session = Session(prep)
-    except Exception:
-        tb = traceback.format_exc()
-        log.error("group %s (seed %d) could not start:\n%s", cells[0].model, cfg.seed, tb)
-        return [record_failure(c, tb) for c in cells]
-    methods = {m.name: m for m in prep.methods}
     outcomes: list[Outcome] = []
-    for i, cell in enumerate(cells, 1):
-        log.info("cell %d/%d: %s", i, len(cells), cell.describe())
-        before = _mtime(cell.path)
-        mark_running(cell)  # for --status; removed below however the cell ends
-        try:
-            if cell.is_dense:
-                path = session.run_dense()
-            else:
-                if i == 1:
-                    # No dense cell in this group (its record exists or another group owns it), but
-                    # evaluations that compare with the dense model still need their references.
-                    session.references()
-                if delay:
-                    time.sleep(delay)
-                path = session.run_cell(methods[cell.method], cell.ratio)
-        except Exception:
-            tb = traceback.format_exc()
-            log.error("cell failed: %s\n%s", cell.describe(), tb)
-            if _mtime(cell.path) != before and (read_record(cell.path) or {}).get("status") == "failed":
-                outcomes.append(Outcome(cell, "failed", tb))  # the engine wrote its own, fuller record
-            else:
-                outcomes.append(record_failure(cell, tb))
+    for cell, done in zip(cells, run_cells(cfg, [(c.method, c.ratio) for c in cells], before, after), strict=True):
+        if done.status == "ok":
+            if done.path is not None and done.path.stem != cell.key:  # cannot happen while planner and engine share key_fields()
+                log.warning("cell %s was planned as %s but recorded as %s", cell.describe(), cell.key, done.path.stem)
+            outcomes.append(Outcome(cell, "ok"))
             continue
-        finally:
-            clear_running(cell)
-        if path.stem != cell.key:  # cannot happen while planner and engine share key_fields()
-            log.warning("cell %s was planned as %s but recorded as %s", cell.describe(), cell.key, path.stem)
-        outcomes.append(Outcome(cell, "ok"))
+        error = done.error or "failed"
+        log.error("cell failed: %s\n%s", cell.describe(), error)
+        engine_wrote = (cell.key in before_mtime and _mtime(cell.path) != before_mtime[cell.key]
+                        and (read_record(cell.path) or {}).get("status") == "failed")
+        # The engine writes its own, fuller record when compression or evaluation fails; a failure
+        # before that (model load, statistics) is recorded here.
+        outcomes.append(Outcome(cell, "failed", error) if engine_wrote else record_failure(cell, error))
     return outcomes
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness.engine.collect import choose_gram_product
-from harness.runner import RunConfig, run
+from harness.runs import RunConfig, run
 from methods._linalg import output_error, whitened_truncate, whitening
 from tests.utils import CALIB, make_tiny_model_dir
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from harness.runner import RunConfig, run
+from harness.runs import RunConfig, run
 from tests.utils import DATA, make_tiny_model_dir
 
 pytestmark = pytest.mark.gpu

@@ -14,7 +14,7 @@ from harness.engine.capture import capture_block_inputs
 from harness.engine.statistics import CalibrationStatistics
 from harness.models import discover, fingerprint, get_module, load_model
 from harness.probes.kl_sensitivity import KLSensitivityProbe
-from harness.runner import RunConfig, run
+from harness.runs import RunConfig, run
 from methods import ModuleInfo
 from methods.column_preserving import ColumnPreservingLowRank
 from methods.knapsack import option_cost

@@ -12,7 +12,7 @@ from harness.data import sample_paragraph_calibration
 from harness.engine.capture import capture_block_inputs
 from harness.engine.statistics import CalibrationStatistics
 from harness.models import discover, load_model
-from harness.runner import RunConfig, run
+from harness.runs import RunConfig, run
 from methods.statistics import InputGram
 from tests.utils import DATA
 

@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 
 from harness.cache import read_checked_json, write_checked_json
-from harness.runner import RunConfig, Session, prepare, run
+from harness.runs import RunConfig, Session, prepare, run
+from harness.runs.loop import run_cell
 from methods import parse_method
 from tests.utils import CALIB, make_tiny_model_dir
 
@@ -180,7 +181,7 @@ def test_session_statistics_are_held_one_block_at_a_time(tiny_llama, tmp_path, m
         return real(block, statistics)
 
     monkeypatch.setattr(source, "load", load)
-    session.run_cell(parse_method("svd-llm"), 0.4)
+    run_cell(session, "svd-llm", 0.4)
     assert asked == list(range(session.layout.n_blocks))
     assert torch.is_tensor(real(0, parse_method("svd-llm").statistics())[0]["model.layers.0.mlp.down_proj"].gram)
 

@@ -32,7 +32,7 @@ from harness.export import (
     verify_export,
 )
 from harness.records import run_key
-from harness.runner import RunConfig, Session, key_fields, prepare, run
+from harness.runs import RunConfig, Session, key_fields, prepare, run
 from methods import METHODS, parse_method
 from tests.utils import CALIB, make_tiny_model_dir
 

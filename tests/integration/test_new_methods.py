@@ -20,7 +20,7 @@ from harness.engine.gradients import gradient_pass, next_token_nll
 from harness.engine.statistics import CalibrationStatistics
 from harness.models import count_params, discover, fingerprint, get_module, load_model
 from harness.probes.asvd_sensitivity import PerplexitySensitivityProbe
-from harness.runner import RunConfig, prepare, run
+from harness.runs import RunConfig, prepare, run
 from methods import parse_method
 from methods.activation_aware import ActivationAwareFactorizer
 from methods.activation_stats import InputAbsMean
@@ -182,7 +182,7 @@ def test_encoder_runs_are_refused_before_loading_when_a_next_token_loss_is_neede
         raise AssertionError("a model was loaded before validation finished")
 
     monkeypatch.setattr(harness.models, "load_model", refuse)
-    monkeypatch.setattr("harness.runner.load_model", refuse)
+    monkeypatch.setattr("harness.runs.session.load_model", refuse)
     base = dict(model="minilm-l6", ratios=(0.4,), evals=("embed-fidelity",), calib=CALIB)
     for method, why in (("fwsvd", "squared gradients of the next-token loss"),
                         ("svd-llm+asvd-sensitivity", "calibration perplexity")):

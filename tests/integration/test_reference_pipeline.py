@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from harness.runner import RunConfig, run
+from harness.runs import RunConfig, run
 from tests.utils import DATA
 
 pytestmark = pytest.mark.integration
@@ -59,7 +59,7 @@ def no_network(monkeypatch):
 
 def test_zeroshot_and_ptb_records_on_reference_model(tiny_model_dirs, tmp_path, no_network):
     # PIQA is left out: some of its solutions are longer than the reference models' 256-token
-    # context, which lm-eval cannot score (asserted in harness.evaluate with a clear message).
+    # context, which lm-eval cannot score (asserted in harness.evaluations with a clear message).
     tasks = ("openbookqa", "winogrande")
     pack_docs = {"openbookqa": 500, "winogrande": 1267}
     cfg = RunConfig(model=str(tiny_model_dirs["llama"]), methods=("svd-llm",), ratios=(0.4,),

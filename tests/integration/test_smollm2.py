@@ -15,7 +15,7 @@ import torch
 
 from harness.models import discover, load_model
 from harness.packaged_models import MANIFEST, resolve_packaged
-from harness.runner import RunConfig, run
+from harness.runs import RunConfig, run
 from tests.utils import CALIB
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,7 @@ def test_demo_cells_are_the_reference_leaderboards_seed_0_cells(tmp_path, monkey
     from pathlib import Path
 
     from harness.demo import demo_config
-    from harness.runner import planned_keys, prepare
+    from harness.runs import planned_keys, prepare
     from harness.sweep.plan import plan_cells
     from harness.sweep.spec import load_spec
 

@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from harness.runner import RunConfig, Session, prepare
+from harness.runs import RunConfig, Session, prepare
+from harness.runs.loop import run_cell
 from harness.spectra_dump import dump_spectra
-from methods import parse_method
 from tests.utils import DATA, make_tiny_model_dir
 
 pytestmark = pytest.mark.integration
@@ -23,7 +23,7 @@ def test_whitened_tail_energy_equals_svd_llm_layer_error(tmp_path):
                     results=str(tmp_path / "r"))
     session = Session(prepare(cfg))
     spectra = {e["layer"]: e for e in json.loads(dump_spectra(session, tmp_path / "s.json", 0.4).read_text())}
-    record = json.loads(session.run_cell(parse_method("svd-llm"), 0.4).read_text())
+    record = json.loads(run_cell(session, "svd-llm", 0.4).read_text())
     from harness.models import get_module
     from methods._linalg import output_energy
 

@@ -19,8 +19,8 @@ pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from harness.zeroshot import evaluate_zeroshot, wrap_model  # noqa: E402
-from harness.zeroshot_tasks import TASK_SETS  # noqa: E402
+from harness.evaluations.zeroshot import evaluate_zeroshot, wrap_model  # noqa: E402
+from harness.evaluations.zeroshot_tasks import TASK_SETS  # noqa: E402
 
 DATA_ENV = os.environ.get("SVDBENCH_DATA")
 needs_pack = pytest.mark.skipif(

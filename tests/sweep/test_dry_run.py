@@ -23,7 +23,7 @@ def no_weights(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", refuse)
-    monkeypatch.setattr("harness.runner.load_model", refuse)
+    monkeypatch.setattr("harness.runs.session.load_model", refuse)
 
 
 def test_dry_run_lists_done_failed_and_missing(tiny_model, tmp_path, write_spec, no_weights, capsys):

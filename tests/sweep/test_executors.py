@@ -13,7 +13,7 @@ import torch
 
 from harness.cli import main
 from harness.records import write_json_atomic
-from harness.runner import RunConfig
+from harness.runs import RunConfig
 from harness.sweep.executors import (
     ExecutorUnavailableError,
     InProcessExecutor,

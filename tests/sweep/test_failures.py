@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-import harness.runner
+import harness.runs.session
 from harness.cli import main
 from harness.report.store import read_records
-from harness.runner import RunConfig
+from harness.runs import RunConfig
 from harness.sweep.plan import Cell
 from harness.sweep.run import run_sweep
 from harness.sweep.spec import parse_spec
@@ -34,14 +34,14 @@ def test_failed_cell_is_recorded_skipped_then_retried(tiny_model, tmp_path, monk
     monkeypatch.setenv("SVDBENCH_CACHE", str(tmp_path / "cache"))
     results = tmp_path / "results"
     spec = parse_spec(small_spec(tiny_model, results, methods=["svd"]))
-    real = harness.runner.compress_model
+    real = harness.runs.session.compress_model
 
     def flaky(model, layout, method, ratio, *args, **kwargs):
         if ratio == 0.6:
             raise RuntimeError("injected failure at 0.6")
         return real(model, layout, method, ratio, *args, **kwargs)
 
-    monkeypatch.setattr(harness.runner, "compress_model", flaky)
+    monkeypatch.setattr(harness.runs.session, "compress_model", flaky)
     first = run_sweep(spec)
     assert [(o.cell.method, o.cell.ratio, o.status) for o in first.outcomes] == [
         ("dense", 0.0, "ok"), ("svd", 0.3, "ok"), ("svd", 0.6, "failed"),
@@ -51,7 +51,7 @@ def test_failed_cell_is_recorded_skipped_then_retried(tiny_model, tmp_path, monk
     assert rec["status"] == "failed" and "RuntimeError: injected failure at 0.6" in rec["error"]
     assert "Traceback" in rec["error"]
 
-    monkeypatch.setattr(harness.runner, "compress_model", real)
+    monkeypatch.setattr(harness.runs.session, "compress_model", real)
     spec_path = write_spec(small_spec(tiny_model, results, methods=["svd"]))
     assert main(["sweep", str(spec_path)]) == 1  # reported and skipped: the sweep is not complete
     assert json.loads(failed.path.read_text())["status"] == "failed"

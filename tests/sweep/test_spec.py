@@ -48,7 +48,7 @@ def test_unknown_key_names_its_path_and_the_closest_key():
     assert error({"sweep": raw()["sweep"], "extra": 1}) == "unknown key 'extra' at top level; known keys: sweep"
     assert error({}) == "missing key 'sweep' at top level"
     assert error(raw(eval={"xyz": 1})) == (
-        "unknown key 'xyz' at sweep.eval; known keys: batch_size, limit, max_windows, offload, seqlen, tasks, window_stride"
+        "unknown key 'xyz' at sweep.eval; known keys: batch_size, limit, max_windows, offload, options, seqlen, tasks, window_stride"
     )
 
 

@@ -12,7 +12,7 @@ import pytest
 import harness.sweep.status as status_mod
 from harness.cli import main
 from harness.records import write_json_atomic
-from harness.runner import RunConfig
+from harness.runs import RunConfig
 from harness.sweep.markers import Marker, clear_running, mark_running, read_marker
 from harness.sweep.plan import Cell, plan_cells
 from harness.sweep.slurm import JobState, SchedulerUnreachableError, job_states

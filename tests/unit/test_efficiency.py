@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness import efficiency as eff
-from harness.efficiency import (
+from harness.evaluations import efficiency as eff
+from harness.evaluations.efficiency import (
     Clock,
     EfficiencyProtocol,
     generation_trial,
@@ -181,7 +181,7 @@ def test_compressed_model_without_a_dense_reference_is_refused(tiny_llama: Path)
 def test_efficiency_records_through_the_runner(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Dense measured once per run; weight bytes fall with the achieved ratio; paths match the ranks."""
     from harness.report.metrics import resolve_metric
-    from harness.runner import RunConfig, run
+    from harness.runs import RunConfig, run
     from tests.utils import CALIB
 
     monkeypatch.setenv("SVDBENCH_CACHE", str(tmp_path / "cache"))
@@ -224,7 +224,7 @@ def test_efficiency_records_through_the_runner(tiny_llama: Path, tmp_path: Path,
 
 
 def test_efficiency_is_refused_for_encoders():
-    from harness.evaluate import preflight
+    from harness.evaluations import preflight
 
     with pytest.raises(ValueError, match="causal LM"):
         preflight(["efficiency"], encoder=True)

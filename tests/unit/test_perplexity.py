@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.perplexity import PROTOCOLS, perplexity
+from harness.evaluations.perplexity import PROTOCOLS, perplexity
 
 
 class Bigram(nn.Module):

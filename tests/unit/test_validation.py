@@ -6,7 +6,7 @@ import pytest
 
 import harness.models
 from harness.cli import main
-from harness.runner import RunConfig, prepare, run
+from harness.runs import RunConfig, prepare, run
 from tests.utils import make_tiny_model_dir
 
 
@@ -21,7 +21,7 @@ def no_model_loading(monkeypatch):
         raise AssertionError("a model was loaded before validation finished")
 
     monkeypatch.setattr(harness.models, "load_model", refuse)
-    monkeypatch.setattr("harness.runner.load_model", refuse)
+    monkeypatch.setattr("harness.runs.session.load_model", refuse)
 
 
 def _cfg(model_dir, **kw):

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from harness.evaluations.registry import Evaluation, MetricSpec, register_evaluation
 from harness.models import find_blocks, max_positions
 from methods.column_preserving import ColumnPreservingLowRank
 from methods.lowrank import LowRankLinear
@@ -428,3 +429,28 @@ def efficiency(model: nn.Module, cache: dict[str, Any], device: torch.device,
     if proto.protocol_id not in refs:
         raise RuntimeError("efficiency needs the dense reference measurement; call efficiency_reference first")
     return compare(refs[proto.protocol_id], measure(model, device, proto), proto, device, _model_dtype(model))
+
+
+def _metrics() -> tuple[MetricSpec, ...]:
+    # Speed-ups over the dense model of the same run, stored bytes and prefill peak memory; absolute
+    # tokens/s are recorded on GPUs only.
+    return tuple(MetricSpec(f"efficiency.{f}", label, hib, kind) for f, label, hib, kind in (
+        ("prefill.speedup", "Prefill ×", True, "score"),
+        ("decode.speedup", "Decode ×", True, "score"),
+        ("weight_bytes.model", "Weight bytes", False, "count"),
+        ("weight_bytes.targets", "Target bytes", False, "count"),
+        ("weight_bytes.model_ratio", "Bytes / dense", False, "score"),
+        ("peak_prefill_bytes.total", "Prefill peak bytes", False, "count"),
+        ("prefill.tokens_per_s", "Prefill tok/s", True, "score"),
+        ("decode.tokens_per_s", "Decode tok/s", True, "score"),
+    ))
+
+
+register_evaluation(Evaluation(
+    "efficiency",
+    lambda model, tokenizer, s: efficiency(model, s.cache, s.device),
+    metrics=_metrics(),
+    aliases={"efficiency": "efficiency.decode.speedup", "decode_speedup": "efficiency.decode.speedup",
+             "prefill_speedup": "efficiency.prefill.speedup", "weight_bytes": "efficiency.weight_bytes.model"},
+    reference=lambda model, tokenizer, s: efficiency_reference(model, s.cache, s.device),
+))

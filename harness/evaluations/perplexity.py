@@ -21,12 +21,14 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from harness import data
+from harness.evaluations.registry import EvalSettings, Evaluation, MetricSpec, register_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +154,32 @@ def evaluate_protocol(
         cache[name] = tokenizer(proto.text(), return_tensors="pt").input_ids[0]  # type: ignore[operator]
     result = perplexity(model, cache[name], seqlen, device, batch_size, max_windows, forward, stride)
     return {"protocol": proto.protocol_id(seqlen, max_windows, stride), **result}
+
+
+# -- registration ---------------------------------------------------------------------------------
+_LABELS = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
+
+
+def _nonfinite_spec(name: str) -> Callable[[str], MetricSpec | None]:
+    # A growing count of non-finite windows is a numerics regression, so lower is better; shown
+    # only when asked for.
+    key = f"{name}.nonfinite_windows"
+    return lambda k: MetricSpec(key, f"{name} non-finite", False, "count", in_tables=False) if k == key else None
+
+
+def _registered(proto: PerplexityProtocol) -> Evaluation:
+    def run(model: nn.Module, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
+        tokens = s.cache.setdefault("tokens", {})
+        return evaluate_protocol(proto.name, model, tokenizer, s.seqlen, s.device, s.batch_size, s.max_windows, tokens,
+                                 s.forward, s.window_stride)
+
+    key = f"{proto.name}.ppl"
+    aliases = {proto.name: key, **({"wikitext": key, "wt2": key} if proto.name == "wikitext2" else {})}
+    return Evaluation(
+        proto.name, run, metrics=(MetricSpec(key, _LABELS.get(proto.name, proto.name), False, "ppl"),), aliases=aliases,
+        preflight=lambda: proto.rows() and None, streamable=True, pattern=_nonfinite_spec(proto.name),
+    )
+
+
+for _proto in PROTOCOLS.values():
+    register_evaluation(_registered(_proto))

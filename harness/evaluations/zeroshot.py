@@ -2,8 +2,8 @@
 
 The model OBJECT and its tokenizer OBJECT are wrapped in lm-eval's ``HFLM`` (its documented
 "pre-initialised model" path), so nothing is reloaded from disk or the hub. Tasks are either lm-eval's
-registered hub tasks or svdbench's offline mirrors over the data pack (see :mod:`harness.zeroshot_tasks`
-for the naming rule and ``harness/tasks/`` for the YAMLs).
+registered hub tasks or svdbench's offline mirrors over the data pack (see :mod:`harness.evaluations.zeroshot_tasks`
+for the naming rule and ``harness/evaluations/tasks/`` for the YAMLs).
 
 Reported metric per task (``metric``/``value`` in the record): ``acc_norm`` where the task defines it,
 otherwise ``acc``. So piqa, openbookqa, arc_*, hellaswag(_approx) and mathqa report acc_norm, and
@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.zeroshot_tasks import (
+from harness.evaluations.registry import EvalSettings, Evaluation, MetricSpec, register_evaluation
+from harness.evaluations.zeroshot_tasks import (
     DATA_DIR_KEY,
     TASKS_DIR,
     TaskPlan,
@@ -196,7 +198,7 @@ def evaluate_zeroshot(
         tokenizer: Its tokenizer object (BOS behaviour is the tokenizer's own).
         tasks: None for the default set of the chosen source (``offline-default`` locally,
             ``svd-paper`` on the hub), a task-set name, or task names (see
-            :mod:`harness.zeroshot_tasks`).
+            :mod:`harness.evaluations.zeroshot_tasks`).
         data_dir: Offline data pack; defaults to ``$SVDBENCH_DATA``. Only read for local tasks.
         limit: Evaluate only the first ``limit`` documents of each task (debugging only).
         batch_size: Batch size of the HFLM wrapper.
@@ -332,3 +334,63 @@ def to_jsonable(obj: Any) -> Any:
     if callable(item) and getattr(obj, "ndim", None) == 0:
         return to_jsonable(item())
     return str(obj)
+
+
+# -- registration ---------------------------------------------------------------------------------
+# Tasks in the column order SVD papers use, with their short table labels.
+TASK_LABELS: dict[str, str] = {
+    "openbookqa": "Openb.",
+    "arc_easy": "ARC_e",
+    "arc_challenge": "ARC_c",
+    "winogrande": "WinoG.",
+    "hellaswag": "HellaS.",
+    "piqa": "PIQA",
+    "mathqa": "MathQA",
+    "boolq": "BoolQ",
+    "mmlu": "MMLU",
+    "lambada_openai": "LAMBADA",
+}
+#: A task's metric key: ``zeroshot.tasks.<task>.<value|acc|acc_norm>``.
+TASK_KEY = re.compile(r"^zeroshot\.tasks\.([^.]+)\.(value|acc|acc_norm)$")
+
+
+def _task_metric(key: str) -> MetricSpec | None:
+    """Spec of a task key not listed in the registry (a new task, or the acc / acc_norm variants)."""
+    if m := TASK_KEY.match(key):
+        task, which = m.groups()
+        label = TASK_LABELS.get(task, task)
+        return MetricSpec(key, label if which == "value" else f"{label} ({which})", True, "acc",
+                          in_tables=which == "value")
+    return None
+
+
+def _run(model: Any, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
+    try:
+        return evaluate_zeroshot(model, tokenizer, s.tasks, limit=s.limit, batch_size=s.batch_size, seed=s.seed)
+    except AssertionError as exc:
+        # lm-eval asserts when a choice's continuation alone is longer than the model's context
+        # (e.g. long PIQA solutions on a 256-position model); it cannot score such documents.
+        limit = getattr(model.config, "max_position_embeddings", None)
+        raise ValueError(
+            f"lm-eval could not score a document of tasks {s.tasks or 'default'}: a continuation is longer "
+            f"than the model's context ({limit} positions). Use a model with a longer context or other tasks."
+        ) from exc
+
+
+def _aliases() -> dict[str, str]:
+    aliases = {}
+    for task in TASK_LABELS:
+        key = f"zeroshot.tasks.{task}.value"
+        aliases[task] = aliases[f"zeroshot.{task}"] = aliases[f"zeroshot.tasks.{task}"] = key
+    return {**aliases, "average": "zeroshot.average", "avg": "zeroshot.average", "zeroshot": "zeroshot.average"}
+
+
+register_evaluation(Evaluation(
+    "zeroshot", _run,
+    metrics=(*(MetricSpec(f"zeroshot.tasks.{t}.value", label, True, "acc") for t, label in TASK_LABELS.items()),
+             MetricSpec("zeroshot.average", "Average", True, "acc")),
+    aliases=_aliases(),
+    preflight=lambda: lm_eval_version() and None,  # raises ZeroShotDependencyError naming the missing package
+    pattern=_task_metric,
+    pattern_position=len(TASK_LABELS) - 0.5,  # unlisted tasks after the listed ones, before the average
+))

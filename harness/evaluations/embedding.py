@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from harness import data
+from harness.evaluations.registry import Evaluation, MetricSpec, register_evaluation
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,22 @@ def embed_fidelity(model: nn.Module, tokenizer: Any, cache: dict[str, Any], devi
     emb = sentence_embeddings(model, tokenizer, texts, proto, device)
     return {"protocol": proto.protocol_id, "params": {**proto.__dict__, "pooling": pooling_of(model)},
             "n_texts": len(texts), **compare_embeddings(cache["embed_reference"], emb)}
+
+
+# -- registration ---------------------------------------------------------------------------------
+def _metrics() -> tuple[MetricSpec, ...]:
+    return tuple(MetricSpec(f"embed-fidelity.{f}", label, hib, "score")
+                 for f, label, hib in (("mean_cos", "Emb. cos", True), ("p05_cos", "Emb. cos p5", True),
+                                       ("mean_err_norm", "Emb. err", False)))
+
+
+register_evaluation(Evaluation(
+    "embed-fidelity",
+    lambda model, tokenizer, s: embed_fidelity(model, tokenizer, s.cache, s.device),
+    metrics=_metrics(),
+    aliases={"embed-fidelity": "embed-fidelity.mean_cos", "embed": "embed-fidelity.mean_cos",
+             **{f: f"embed-fidelity.{f}" for f in ("mean_cos", "p05_cos", "mean_err_norm")}},
+    needs_causal_lm=False,
+    preflight=lambda: data.wikitext2_test_rows() and None,  # the texts are WikiText-2 test paragraphs
+    reference=lambda model, tokenizer, s: embed_reference(model, tokenizer, s.cache, s.device),
+))
