@@ -26,9 +26,9 @@ import torch
 from harness.data import sample_calibration
 from harness.engine.capture import capture_block_inputs
 from harness.engine.compress import compress_model, restore
+from harness.engine.models import discover, load_model
 from harness.engine.statistics import CalibrationStatistics
-from harness.models import discover, load_model
-from harness.reference_probes import mean_token_nll
+from harness.testbeds.diagnostics import mean_token_nll
 from methods import AllocationContext, Method
 from methods.adacr import block_importance
 from methods.block_similarity import BlockCosine

@@ -46,10 +46,10 @@ import torch
 from harness.cache import cache_root
 from harness.engine.capture import capture_block_inputs
 from harness.engine.compress import compress_model, restore
+from harness.engine.models import count_params, discover
 from harness.engine.offload import placement, resident, streamed_logits
 from harness.engine.statistics import CalibrationStatistics
 from harness.evaluations.perplexity import perplexity
-from harness.models import count_params, discover
 from methods import parse_method
 from methods.statistics import InputGram
 

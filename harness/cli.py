@@ -95,7 +95,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from harness.export import export_from_config
+    from harness.runs.export import export_from_config
 
     print(export_from_config(_run_config(args), args.out))
     return 0
@@ -105,7 +105,7 @@ def _cmd_spectra(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from harness.runs import RunConfig, Session, prepare
-    from harness.spectra_dump import dump_spectra
+    from harness.runs.spectra import dump_spectra
 
     cfg = RunConfig(model=args.model, methods=("svd-llm",), ratios=(args.ratio or 0.5,), evals=(), calib=args.calib,
                     calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,

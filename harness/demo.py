@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import data
-from harness.reference_models import REFERENCE_SPECS, ensure_reference_model
 from harness.report.leaderboard import render_leaderboard
 from harness.report.store import load_store
 from harness.runs import RunConfig, run
+from harness.testbeds.trained import TESTBED_SPECS, ensure_testbed_model
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class DemoSetting:
 SMOLLM2 = DemoSetting(ratios=(0.2, 0.4), calib_samples=32, calib_seqlen=256, eval_seqlen=1024, eval_window_stride=48,
                       svd_driver="gram-eigh")
 TINY = DemoSetting(ratios=(0.4, 0.6), calib_samples=64, calib_seqlen=256, eval_seqlen=None, eval_window_stride=None)
-DEMO_MODELS = ("smollm2-135m", *REFERENCE_SPECS)
+DEMO_MODELS = ("smollm2-135m", *TESTBED_SPECS)
 
 
 def demo_config(results: str | Path = "results/demo", model: str = "smollm2-135m") -> RunConfig:
@@ -58,7 +58,7 @@ def demo_config(results: str | Path = "results/demo", model: str = "smollm2-135m
     pack = data.data_dir()
     calib = pack / "wikitext-2-v1" / "valid.txt"  # type: ignore[operator]
     setting = SMOLLM2 if model == "smollm2-135m" else TINY
-    model_id = model if model == "smollm2-135m" else str(ensure_reference_model(model, data_dir=pack))
+    model_id = model if model == "smollm2-135m" else str(ensure_testbed_model(model, data_dir=pack))
     return RunConfig(
         model=model_id, methods=DEMO_METHODS, ratios=setting.ratios, evals=("wikitext2",),
         calib=f"file:{calib}", calib_samples=setting.calib_samples, calib_seqlen=setting.calib_seqlen, seed=0,

@@ -39,13 +39,13 @@ def tiny_model_dirs() -> dict[str, Path]:
     Trained from the data pack on first use (a few minutes each on two CPU cores) and cached under
     ``$SVDBENCH_CACHE/reference_models``.
     """
-    from harness.reference_models import ensure_reference_model
+    from harness.testbeds.trained import ensure_testbed_model
 
     # Under xdist one worker trains (the others wait on the cache lock): give it every core meanwhile.
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or threads)
     try:
-        return {family: ensure_reference_model(f"tiny-{family}") for family in ("llama", "opt")}
+        return {family: ensure_testbed_model(f"tiny-{family}") for family in ("llama", "opt")}
     finally:
         torch.set_num_threads(threads)
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.models import Layout
+from harness.engine.models import Layout
 
 
 class BlockStandIn(nn.Module):
@@ -107,7 +107,7 @@ def capture_block_inputs(
 
     Args:
         model: The model; its blocks stay where they are.
-        layout: From :func:`harness.models.discover`.
+        layout: From :func:`harness.engine.models.discover`.
         input_ids: ``(N, L)`` token ids.
         device: Where the non-block parts run and the captured inputs live.
         batch_size: Sequences per batch.

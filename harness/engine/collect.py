@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.models import get_module
+from harness.engine.models import get_module
 from methods import LinearStats, ModuleInfo
 from methods.statistics import Accumulator, GramProduct, Statistic, flat_tokens
 

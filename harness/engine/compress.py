@@ -35,10 +35,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from harness.engine.hostmem import release_freed_memory
+from harness.engine.models import Layout, count_params, get_module, set_module
 from harness.engine.statistics import CalibrationStatistics
 from harness.engine.store import CorruptStoreError
 from harness.engine.stream import BlockStatistics, stream_blocks
-from harness.models import Layout, count_params, get_module, set_module
 from methods import AllocationContext, LinearStats, Method, ModuleInfo, rank_for
 from methods._linalg import output_energy, output_error
 from methods.statistics import Statistic

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from harness.engine.capture import _forward_kwargs
-from harness.models import Layout, get_module
+from harness.engine.models import Layout, get_module
 from methods.statistics import Accumulator, GramProduct, Statistic
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.engine.capture import BlockStandIn, capture_block_inputs, outside_blocks_on, run_block
-from harness.models import Layout
+from harness.engine.models import Layout
 
 log = logging.getLogger(__name__)
 

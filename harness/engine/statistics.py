@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from harness.engine.capture import Batch
 from harness.engine.gradients import gradient_pass
+from harness.engine.models import Layout
 from harness.engine.store import StatsStore, StoreWriter
 from harness.engine.stream import BlockStatistics, StreamReport, stream_blocks
-from harness.models import Layout
 from methods import LinearStats
 from methods.statistics import GramProduct, InputGram, Statistic
 

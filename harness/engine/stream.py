@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from harness.engine.capture import Batch, run_block
 from harness.engine.collect import BlockCollector
-from harness.models import Layout
+from harness.engine.models import Layout
 from methods import LinearStats
 from methods.statistics import GramProduct, Statistic
 

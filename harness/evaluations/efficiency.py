@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from harness.engine.models import find_blocks, max_positions
 from harness.evaluations.registry import Evaluation, MetricSpec, register_evaluation
-from harness.models import find_blocks, max_positions
 from methods.column_preserving import ColumnPreservingLowRank
 from methods.lowrank import LowRankLinear
 
@@ -345,7 +345,7 @@ def measure_interleaved(
         ``{variant: {"prefill_s": [...], "decode_s": [...]}}``; the model is left with the first
         variant's modules.
     """
-    from harness.models import set_module
+    from harness.engine.models import set_module
 
     clock = clock or Clock.for_device(device)
     names = list(variants)

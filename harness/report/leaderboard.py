@@ -62,7 +62,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RATIO_DEFINITION = "ratio = fraction of decoder-linear parameters removed"
+RATIO_DEFINITION = "ratio = fraction of target-linear parameters removed (the attention and MLP projections of every block)"
 
 
 def _fmt_ratio(ratio: float) -> str:

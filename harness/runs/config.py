@@ -17,9 +17,15 @@ from typing import Any
 import torch
 
 from harness import data
+from harness.engine.models import (
+    fingerprint,
+    is_encoder_config,
+    max_positions,
+    read_config,
+    resolve_model_path,
+)
 from harness.engine.offload import OFFLOAD_MODES
 from harness.evaluations import preflight
-from harness.models import fingerprint, is_encoder_config, max_positions, read_config, resolve_model_path
 from harness.records import run_key, svdbench_version
 from methods import Method, parse_method
 from methods._linalg import SVD_DRIVERS
@@ -158,7 +164,7 @@ def key_fields(prep: Prepared, model_info: Mapping[str, Any], method: dict[str, 
 
     Args:
         prep: The validated run.
-        model_info: :func:`harness.models.fingerprint` of the model (id, revision, content hash).
+        model_info: :func:`harness.engine.models.fingerprint` of the model (id, revision, content hash).
         method: ``{"name": ..., "config": ...}`` (``{"name": "dense"}`` for the dense record).
         ratio: Requested ratio (0.0 for dense).
         calib: :meth:`harness.data.Calibration.record` (None for dense).

@@ -29,6 +29,7 @@ from harness.records import (
     write_json_atomic,
 )
 from harness.runs.config import RunConfig, eval_options, prepare
+from harness.runs.export import compress_and_export, export_cell
 from harness.runs.session import Session
 from methods._linalg import default_svd_driver
 
@@ -101,8 +102,6 @@ def run_cell(session: Session, method_name: str, ratio: float) -> Path:
     if _done(path):
         log.info("cell done already: %s @ %.2f -> %s", method.name, ratio, path)
         if cfg.export:
-            from harness.export import compress_and_export
-
             compress_and_export(session, method, ratio)  # no-op when the cell's export exists
         return path
     assert session.calibration is not None
@@ -115,8 +114,6 @@ def run_cell(session: Session, method_name: str, ratio: float) -> Path:
     try:
         evaluated = session.evaluate()
         if cfg.export:
-            from harness.export import export_cell
-
             export_cell(session, method, ratio, key, cell.result)
     except Exception:
         write_json_atomic(path, failed_record(header, traceback.format_exc()))

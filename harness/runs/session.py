@@ -20,7 +20,9 @@ from harness import data
 from harness.cache import cache_path
 from harness.engine.capture import Batch, capture_block_inputs
 from harness.engine.compress import CompressionResult, compress_model, restore
+from harness.engine.models import discover, fingerprint, is_encoder_config, load_model
 from harness.engine.offload import offloaded, placement, resident, streamed_logits
+from harness.engine.probes import ProbeContext, build_probes
 from harness.engine.statistics import CalibrationStatistics
 from harness.engine.store import STORE_VERSION, StatsStore
 from harness.evaluations import (
@@ -30,8 +32,6 @@ from harness.evaluations import (
     resolve_options,
     run_evaluations,
 )
-from harness.models import discover, fingerprint, is_encoder_config, load_model
-from harness.probes import ProbeContext, build_probes
 from harness.records import run_key
 from harness.runs.config import Prepared, draw_calibration, eval_options, key_fields
 from methods import Method

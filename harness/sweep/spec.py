@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import importlib
 import json
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from harness.sweep.strict import (
     unique,
     unknown,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CalibrationSpec",
@@ -66,9 +69,14 @@ def _parse_models(value: Any, path: str) -> tuple[ModelEntry, ...]:
         where = f"{path}[{i}]"
         if isinstance(item, str):
             item = {"id": item}
+        if isinstance(item, Mapping) and "reference" in item:
+            # The key's old name, kept for one release: "reference" also meant dense references and
+            # the shipped leaderboards.
+            log.warning("model at %s: 'reference' is deprecated, write 'testbed: %s'", where, item["reference"])
+            item = {("testbed" if k == "reference" else k): v for k, v in item.items()}
         entry = build(ModelEntry, item, where)
-        if (entry.id is None) == (entry.reference is None):
-            raise SpecError(f"model at {where} needs exactly one of 'id' or 'reference'")
+        if (entry.id is None) == (entry.testbed is None):
+            raise SpecError(f"model at {where} needs exactly one of 'id' or 'testbed'")
         out.append(entry)
     return unique(out, path, lambda m: m.label)
 
@@ -179,45 +187,40 @@ def _one_of(choices: Sequence[str], optional: bool = False) -> Callable[[Any, st
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One model: ``id`` (hub id, local directory or alias) or ``reference`` (a reference model name).
-
-    A reference model resolves through ``harness.reference_models.ensure_reference_model``, which is
-    imported only when such an entry is used.
+    """One model: ``id`` (hub id, local directory or alias) or ``testbed`` (a model svdbench trains
+    itself, :mod:`harness.testbeds.trained`; the old key ``reference`` is accepted with a warning).
     """
 
     id: str | None = None
-    reference: str | None = None
+    testbed: str | None = None
 
     @property
     def label(self) -> str:
-        return self.reference if self.reference is not None else str(self.id)
+        return self.testbed if self.testbed is not None else str(self.id)
 
     def resolve(self, build: bool = True) -> str:
-        """The model id or directory to load (trains a reference model first if needed).
+        """The model id or directory to load (trains a testbed model first if needed).
 
         Args:
-            build: With False (dry runs), never train: an untrained reference model is an error.
+            build: With False (dry runs), never train: an untrained testbed model is an error.
 
         Raises:
-            SpecError: for a reference entry when this build has no ``harness.reference_models``,
-                or when ``build`` is False and the reference model is not trained yet.
+            SpecError: when ``build`` is False and the testbed model is not trained yet.
         """
-        if self.reference is None:
+        if self.testbed is None:
             return str(self.id)
-        try:
-            reference_models = importlib.import_module("harness.reference_models")
+        try:  # imported only when a testbed entry is used (and looked up so that tests can replace it)
+            trained = importlib.import_module("harness.testbeds.trained")
         except ImportError as exc:
-            raise SpecError(
-                f"model {{reference: {self.reference}}} needs harness.reference_models, which this build lacks"
-            ) from exc
+            raise SpecError(f"model {{testbed: {self.testbed}}} needs harness.testbeds.trained, which this build lacks") from exc
         if build:
-            return str(reference_models.ensure_reference_model(self.reference))
-        path = reference_models.reference_model_path(self.reference)
-        if not reference_models.is_trained(path):
+            return str(trained.ensure_testbed_model(self.testbed))
+        path = trained.testbed_model_path(self.testbed)
+        if not trained.is_trained(path):
             raise SpecError(
-                f"reference model {self.reference!r} is not trained yet, and the cells' run keys hash its "
+                f"testbed model {self.testbed!r} is not trained yet, and the cells' run keys hash its "
                 f"weights; a dry run does not train it (the sweep itself, or `python -m "
-                f"harness.reference_models --name {self.reference}`, does)"
+                f"harness.testbeds.trained --name {self.testbed}`, does)"
             )
         return str(path)
 

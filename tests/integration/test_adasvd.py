@@ -11,8 +11,8 @@ import torch
 from harness.data import sample_calibration
 from harness.engine.capture import capture_block_inputs
 from harness.engine.compress import compress_model, restore
+from harness.engine.models import discover, load_model
 from harness.engine.statistics import CalibrationStatistics
-from harness.models import discover, load_model
 from harness.runs import RunConfig, run
 from methods import parse_method
 from methods.stack_of_batch import StackedGrams, batch_permutation

@@ -11,9 +11,9 @@ from torch import nn
 
 from harness.data import sample_calibration
 from harness.engine.capture import capture_block_inputs
+from harness.engine.models import discover, fingerprint, get_module, load_model
+from harness.engine.probes.kl_sensitivity import KLSensitivityProbe
 from harness.engine.statistics import CalibrationStatistics
-from harness.models import discover, fingerprint, get_module, load_model
-from harness.probes.kl_sensitivity import KLSensitivityProbe
 from harness.runs import RunConfig, run
 from methods import ModuleInfo
 from methods.column_preserving import ColumnPreservingLowRank

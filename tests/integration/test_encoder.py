@@ -10,8 +10,8 @@ import torch
 
 from harness.data import sample_paragraph_calibration
 from harness.engine.capture import capture_block_inputs
+from harness.engine.models import discover, load_model
 from harness.engine.statistics import CalibrationStatistics
-from harness.models import discover, load_model
 from harness.runs import RunConfig, run
 from methods.statistics import InputGram
 from tests.utils import DATA
@@ -73,8 +73,8 @@ def test_minilm_whitening_beats_plain_svd(tmp_path):
 def test_sensitivity_probe_on_an_encoder_uses_masked_cosine_distance(tmp_path, monkeypatch):
     """Duo-SVD's probe on MiniLM (no next-token logits): per-token 1 - cos of final hidden states
     over real tokens; block replay with the attention mask agrees with full forwards."""
-    from harness.models import fingerprint
-    from harness.probes.kl_sensitivity import KLSensitivityProbe
+    from harness.engine.models import fingerprint
+    from harness.engine.probes.kl_sensitivity import KLSensitivityProbe
 
     monkeypatch.setenv("SVDBENCH_CACHE", str(tmp_path))
     model, tok = load_model("minilm-l6")

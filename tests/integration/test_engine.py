@@ -140,7 +140,7 @@ def test_corrupted_sensitivity_table_is_measured_again(tiny_llama, tmp_path, mon
 
 
 def test_damaged_reference_model_is_moved_aside_and_retrained(tmp_path, monkeypatch):
-    from harness import reference_models as rm
+    from harness.testbeds import trained as rm
 
     calls = []
 
@@ -152,11 +152,11 @@ def test_damaged_reference_model_is_moved_aside_and_retrained(tmp_path, monkeypa
         (out_dir / rm.CARD_NAME).write_text(json.dumps(card))
         return card
 
-    monkeypatch.setattr(rm, "train_reference_model", fake_train)
-    path = rm.ensure_reference_model("tiny-llama", cache_dir=tmp_path)
-    assert rm.ensure_reference_model("tiny-llama", cache_dir=tmp_path) == path and calls == ["tiny-llama"]
+    monkeypatch.setattr(rm, "train_testbed_model", fake_train)
+    path = rm.ensure_testbed_model("tiny-llama", cache_dir=tmp_path)
+    assert rm.ensure_testbed_model("tiny-llama", cache_dir=tmp_path) == path and calls == ["tiny-llama"]
     (path / "model.safetensors").write_bytes(b"weightz" * 10)
-    assert rm.ensure_reference_model("tiny-llama", cache_dir=tmp_path) == path
+    assert rm.ensure_testbed_model("tiny-llama", cache_dir=tmp_path) == path
     assert calls == ["tiny-llama", "tiny-llama"] and (path / "model.safetensors").read_bytes() == b"weights" * 10
     assert len(list(tmp_path.glob(f"{path.name}.corrupt-*"))) == 1
 
@@ -207,8 +207,8 @@ def test_accelerate_offload_keeps_the_logits(tiny_llama):
     """Evaluations other than perplexity run under accelerate's CPU offload when the model does not
     fit; on the CPU it must leave the logits unchanged and remove its hooks afterwards."""
     pytest.importorskip("accelerate")
+    from harness.engine.models import load_model
     from harness.engine.offload import offloaded
-    from harness.models import load_model
 
     model, _ = load_model(str(tiny_llama))
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -25,7 +25,6 @@ from harness.engine.compress import compress_model, restore
 from harness.export import (
     MANIFEST,
     ExportError,
-    export_cell,
     export_model,
     load_compressed,
     read_manifest,
@@ -33,6 +32,7 @@ from harness.export import (
 )
 from harness.records import run_key
 from harness.runs import RunConfig, Session, key_fields, prepare, run
+from harness.runs.export import export_cell
 from methods import METHODS, parse_method
 from tests.utils import CALIB, make_tiny_model_dir
 
@@ -140,7 +140,7 @@ def test_duo_svd_export_covers_column_preserving_layers(exported: dict[str, dict
 
 def test_column_preserving_round_trip(tiny_llama: Path, tmp_path: Path):
     """A hand-made column-preserving layer (with a bias) survives export and load bit-exactly."""
-    from harness.models import discover, get_module, load_model, set_module
+    from harness.engine.models import discover, get_module, load_model, set_module
     from methods.column_preserving import ColumnPreservingFactorization, ColumnPreservingLowRank
 
     model, tok = load_model(str(tiny_llama), "float32")

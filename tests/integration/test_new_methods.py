@@ -11,15 +11,15 @@ import pytest
 import torch
 import yaml
 
-import harness.models
+import harness.engine.models
 from harness.cli import main
 from harness.data import sample_calibration
 from harness.engine.capture import capture_block_inputs
 from harness.engine.compress import compress_model, restore
 from harness.engine.gradients import gradient_pass, next_token_nll
+from harness.engine.models import count_params, discover, fingerprint, get_module, load_model
+from harness.engine.probes.asvd_sensitivity import PerplexitySensitivityProbe
 from harness.engine.statistics import CalibrationStatistics
-from harness.models import count_params, discover, fingerprint, get_module, load_model
-from harness.probes.asvd_sensitivity import PerplexitySensitivityProbe
 from harness.runs import RunConfig, prepare, run
 from methods import parse_method
 from methods.activation_aware import ActivationAwareFactorizer
@@ -181,7 +181,7 @@ def test_encoder_runs_are_refused_before_loading_when_a_next_token_loss_is_neede
     def refuse(*_a, **_k):
         raise AssertionError("a model was loaded before validation finished")
 
-    monkeypatch.setattr(harness.models, "load_model", refuse)
+    monkeypatch.setattr(harness.engine.models, "load_model", refuse)
     monkeypatch.setattr("harness.runs.session.load_model", refuse)
     base = dict(model="minilm-l6", ratios=(0.4,), evals=("embed-fidelity",), calib=CALIB)
     for method, why in (("fwsvd", "squared gradients of the next-token loss"),

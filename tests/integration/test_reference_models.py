@@ -1,4 +1,4 @@
-"""Tests of the reference-model recipe (harness.reference_models, harness.reference_tokenizer)."""
+"""Tests of the reference-model recipe (harness.testbeds.trained, harness.testbeds.tokenizer)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness import reference_models as rm
-from harness.reference_probes import mean_token_nll
-from harness.reference_tokenizer import (
+from harness.testbeds import trained as rm
+from harness.testbeds.diagnostics import mean_token_nll
+from harness.testbeds.tokenizer import (
     DATA_ENV,
     TRAINING_FILES,
     data_checksums,
     load_training_text,
-    train_reference_tokenizer,
+    train_testbed_tokenizer,
     validation_windows,
 )
 
@@ -38,39 +38,39 @@ def fake_data_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _micro_spec() -> rm.ReferenceSpec:
+def _micro_spec() -> rm.TestbedSpec:
     return replace(
-        rm.REFERENCE_SPECS["tiny-llama"], name="micro-llama", hidden_size=32, num_layers=2, intermediate_size=64,
+        rm.TESTBED_SPECS["tiny-llama"], name="micro-llama", hidden_size=32, num_layers=2, intermediate_size=64,
         max_positions=32, vocab_size=512, steps=6, batch_size=4, warmup_steps=2, eval_every=3,
     )  # fmt: skip
 
 
 def test_cache_key_changes_with_seed_spec_and_data() -> None:
-    spec = rm.REFERENCE_SPECS["tiny-llama"]
+    spec = rm.TESTBED_SPECS["tiny-llama"]
     sums = {"a.txt": "0" * 64}
-    key = rm.reference_cache_key(spec, 0, sums)
-    assert key == rm.reference_cache_key(spec, 0, dict(sums))
-    assert key != rm.reference_cache_key(spec, 1, sums)
-    assert key != rm.reference_cache_key(replace(spec, steps=spec.steps + 1), 0, sums)
-    assert key != rm.reference_cache_key(spec, 0, {"a.txt": "1" * 64})
+    key = rm.testbed_cache_key(spec, 0, sums)
+    assert key == rm.testbed_cache_key(spec, 0, dict(sums))
+    assert key != rm.testbed_cache_key(spec, 1, sums)
+    assert key != rm.testbed_cache_key(replace(spec, steps=spec.steps + 1), 0, sums)
+    assert key != rm.testbed_cache_key(spec, 0, {"a.txt": "1" * 64})
 
 
 def test_specs_build_all_families() -> None:
-    for name, spec in rm.REFERENCE_SPECS.items():
+    for name, spec in rm.TESTBED_SPECS.items():
         assert spec.name == name
         config = rm.build_model(replace(spec, num_layers=1)).config
         assert config.max_position_embeddings == spec.max_positions
         assert config.vocab_size == spec.vocab_size
-    assert rm.REFERENCE_SPECS["tiny-llama"].max_positions == 256
-    assert rm.build_model(rm.REFERENCE_SPECS["tiny-llama"]).config.num_key_value_heads == 4
+    assert rm.TESTBED_SPECS["tiny-llama"].max_positions == 256
+    assert rm.build_model(rm.TESTBED_SPECS["tiny-llama"]).config.num_key_value_heads == 4
 
 
 def test_missing_data_dir_names_env_var(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv(DATA_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match=DATA_ENV):
-        rm.ensure_reference_model("tiny-llama", cache_dir=tmp_path)
+        rm.ensure_testbed_model("tiny-llama", cache_dir=tmp_path)
     with pytest.raises(KeyError):
-        rm.ensure_reference_model("no-such-model", data_dir=tmp_path, cache_dir=tmp_path)
+        rm.ensure_testbed_model("no-such-model", data_dir=tmp_path, cache_dir=tmp_path)
 
 
 def test_default_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -83,33 +83,33 @@ def test_default_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_interrupted_training_leaves_no_model(
     monkeypatch: pytest.MonkeyPatch, fake_data_dir: Path, tmp_path: Path
 ) -> None:
-    def killed(spec: rm.ReferenceSpec, out_dir: Path, *args: object, **kwargs: object) -> dict:
+    def killed(spec: rm.TestbedSpec, out_dir: Path, *args: object, **kwargs: object) -> dict:
         (Path(out_dir) / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rm, "train_reference_model", killed)
+    monkeypatch.setattr(rm, "train_testbed_model", killed)
     cache = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
-        rm.ensure_reference_model("tiny-llama", data_dir=fake_data_dir, cache_dir=cache)
+        rm.ensure_testbed_model("tiny-llama", data_dir=fake_data_dir, cache_dir=cache)
     # Nothing that looks like a model is left; only the (empty) lock file of the trainer.
     assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_training_is_bitwise_deterministic(fake_data_dir: Path, tmp_path: Path) -> None:
     spec = _micro_spec()
-    cards = [rm.train_reference_model(spec, tmp_path / str(i), fake_data_dir, seed=0) for i in range(2)]
+    cards = [rm.train_testbed_model(spec, tmp_path / str(i), fake_data_dir, seed=0) for i in range(2)]
     assert cards[0]["best_val_loss"] == cards[1]["best_val_loss"]
     first, second = (AutoModelForCausalLM.from_pretrained(tmp_path / str(i)).state_dict() for i in range(2))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    other = rm.train_reference_model(spec, tmp_path / "seed1", fake_data_dir, seed=1)
+    other = rm.train_testbed_model(spec, tmp_path / "seed1", fake_data_dir, seed=1)
     assert other["best_val_loss"] != cards[0]["best_val_loss"]
 
 
 @pytest.mark.integration
 def test_tokenizer_training_is_deterministic(tiny_model_dirs: dict[str, Path]) -> None:
     train_text, _ = load_training_text()
-    first, second = (train_reference_tokenizer(train_text) for _ in range(2))
+    first, second = (train_testbed_tokenizer(train_text) for _ in range(2))
     assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
     for path in tiny_model_dirs.values():
         assert AutoTokenizer.from_pretrained(path).get_vocab() == first.get_vocab()
@@ -168,4 +168,4 @@ def test_reference_card(tiny_model_dirs: dict[str, Path], family: str) -> None:
 @pytest.mark.integration
 def test_cache_hit_reuses_directory(tiny_model_dirs: dict[str, Path]) -> None:
     path = tiny_model_dirs["llama"]
-    assert rm.ensure_reference_model("tiny-llama", cache_dir=path.parent) == path
+    assert rm.ensure_testbed_model("tiny-llama", cache_dir=path.parent) == path

@@ -8,8 +8,8 @@ import torch
 from harness.data import sample_calibration
 from harness.engine.capture import capture_block_inputs
 from harness.engine.compress import compress_model, restore
+from harness.engine.models import discover, load_model
 from harness.engine.statistics import CalibrationStatistics
-from harness.models import discover, load_model
 from methods import LowRankLinear, parse_method
 from tests.utils import DATA, make_tiny_model_dir
 

@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 
-from harness.models import discover, load_model
-from harness.packaged_models import MANIFEST, resolve_packaged
+from harness.engine.models import discover, load_model
+from harness.engine.packaged import MANIFEST, resolve_packaged
 from harness.runs import RunConfig, run
 from tests.utils import CALIB
 
@@ -50,7 +50,7 @@ def test_corrupted_conversion_is_moved_aside_and_rebuilt(smollm2, tmp_path, monk
     """
     import shutil
 
-    from harness import packaged_models
+    from harness.engine import packaged as packaged_models
 
     converted = resolve_packaged("smollm2-135m")  # the fixture's real conversion
     calls = []

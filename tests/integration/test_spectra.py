@@ -10,7 +10,7 @@ import pytest
 
 from harness.runs import RunConfig, Session, prepare
 from harness.runs.loop import run_cell
-from harness.spectra_dump import dump_spectra
+from harness.runs.spectra import dump_spectra
 from tests.utils import DATA, make_tiny_model_dir
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,7 @@ def test_whitened_tail_energy_equals_svd_llm_layer_error(tmp_path):
     session = Session(prepare(cfg))
     spectra = {e["layer"]: e for e in json.loads(dump_spectra(session, tmp_path / "s.json", 0.4).read_text())}
     record = json.loads(run_cell(session, "svd-llm", 0.4).read_text())
-    from harness.models import get_module
+    from harness.engine.models import get_module
     from methods._linalg import output_energy
 
     for layer in record["layers"]:

@@ -67,9 +67,9 @@ def slurm(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
 @pytest.fixture(scope="module")
 def tiny_llama() -> Path:
     """The trained reference model (trained and cached on first use, as for the integration tests)."""
-    from harness.reference_models import ensure_reference_model
+    from harness.testbeds.trained import ensure_testbed_model
 
-    return ensure_reference_model("tiny-llama")
+    return ensure_testbed_model("tiny-llama")
 
 
 def wait_for(what: str, ready: Callable[[], object], proc: subprocess.Popen, timeout_s: float = 240) -> object:

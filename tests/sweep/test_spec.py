@@ -59,8 +59,8 @@ def test_missing_and_mistyped_values():
     assert error(raw(calibration={"samples": "many"})) == "expected int at sweep.calibration.samples, got 'many'"
     assert error(raw(calibration={"samples": 0})) == "bad value 0 at sweep.calibration.samples: must be a positive integer"
     assert error(raw(ratios=0.4)) == "expected a list at sweep.grid.ratios, got 0.4"
-    assert error(raw(models=[{"id": "a", "reference": "b"}])) == (
-        "model at sweep.grid.models[0] needs exactly one of 'id' or 'reference'"
+    assert error(raw(models=[{"id": "a", "testbed": "b"}])) == (
+        "model at sweep.grid.models[0] needs exactly one of 'id' or 'testbed'"
     )
     assert error(raw(evals=["wikitext3"])) == "unknown evaluation 'wikitext3' at sweep.evals[0]; did you mean 'wikitext2'?"
     assert error(raw(dtype="fp8")) == "unknown value 'fp8' at sweep.dtype; known values: auto, bfloat16, float16, float32"
@@ -116,7 +116,7 @@ def test_method_mapping_with_options_goes_through_the_method_grammar():
 def test_overrides():
     spec = parse_spec(raw(), (
         "ratios=[0.2,0.4]", "calibration.samples=32", "sweep.name=renamed", "grid.seeds=[1,2]",
-        "submitit.cluster=local", "models=[{reference: tiny-opt}, /some/dir]", "methods=[svd,svd-llm]",
+        "submitit.cluster=local", "models=[{testbed: tiny-opt}, /some/dir]", "methods=[svd,svd-llm]",
         "eval.max_windows=null", "evals=[wikitext2]",
     ))
     assert spec.grid.ratios == (0.2, 0.4) and spec.calibration.samples == 32 and spec.name == "renamed"
@@ -147,23 +147,25 @@ def test_env_expansion(monkeypatch):
     )
 
 
-def test_reference_models_resolve_lazily(monkeypatch):
-    monkeypatch.delitem(sys.modules, "harness.reference_models", raising=False)
-    spec = parse_spec(raw(models=[{"reference": "tiny-llama"}]))
-    assert "harness.reference_models" not in sys.modules  # parsing never imports it
-    fake = types.ModuleType("harness.reference_models")
-    fake.ensure_reference_model = lambda name: Path("/cache/reference") / name
-    monkeypatch.setitem(sys.modules, "harness.reference_models", fake)
+def test_testbed_models_resolve_lazily(monkeypatch, caplog):
+    monkeypatch.delitem(sys.modules, "harness.testbeds.trained", raising=False)
+    assert parse_spec(raw(models=[{"reference": "tiny-llama"}])).grid.models[0].testbed == "tiny-llama"
+    assert "'reference' is deprecated" in caplog.text  # the old key, kept for one release
+    spec = parse_spec(raw(models=[{"testbed": "tiny-llama"}]))
+    assert "harness.testbeds.trained" not in sys.modules  # parsing never imports it
+    fake = types.ModuleType("harness.testbeds.trained")
+    fake.ensure_testbed_model = lambda name: Path("/cache/reference") / name
+    monkeypatch.setitem(sys.modules, "harness.testbeds.trained", fake)
     assert spec.grid.models[0].resolve() == "/cache/reference/tiny-llama"
-    # A dry run never trains: an untrained reference model is a clear error, a trained one its path.
-    fake.reference_model_path = lambda name: Path("/cache/reference") / name
+    # A dry run never trains: an untrained testbed model is a clear error, a trained one its path.
+    fake.testbed_model_path = lambda name: Path("/cache/reference") / name
     fake.is_trained = lambda path: False
     with pytest.raises(SpecError, match="'tiny-llama' is not trained yet.*a dry run does not train it"):
         spec.grid.models[0].resolve(build=False)
     fake.is_trained = lambda path: True
     assert spec.grid.models[0].resolve(build=False) == "/cache/reference/tiny-llama"
-    monkeypatch.setitem(sys.modules, "harness.reference_models", None)  # a build without the module
-    with pytest.raises(SpecError, match="needs harness.reference_models"):
+    monkeypatch.setitem(sys.modules, "harness.testbeds.trained", None)  # a build without the module
+    with pytest.raises(SpecError, match="needs harness.testbeds.trained"):
         spec.grid.models[0].resolve()
 
 

@@ -166,7 +166,7 @@ def test_profiler_peak_follows_allocations_and_frees_in_time_order():
 
 
 def test_compressed_model_without_a_dense_reference_is_refused(tiny_llama: Path):
-    from harness.models import discover, get_module, load_model, set_module
+    from harness.engine.models import discover, get_module, load_model, set_module
     from methods import LowRankLinear
 
     model, _ = load_model(str(tiny_llama), "float32")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import harness.models
+import harness.engine.models
 from harness.cli import main
 from harness.runs import RunConfig, prepare, run
 from tests.utils import make_tiny_model_dir
@@ -20,7 +20,7 @@ def no_model_loading(monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("a model was loaded before validation finished")
 
-    monkeypatch.setattr(harness.models, "load_model", refuse)
+    monkeypatch.setattr(harness.engine.models, "load_model", refuse)
     monkeypatch.setattr("harness.runs.session.load_model", refuse)
 
 

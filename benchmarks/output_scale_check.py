@@ -1,6 +1,6 @@
 """Do refitted factors shrink their layers' outputs? Output-norm ratios of compressed vs dense linears.
 
-    python -m benchmarks.output_scale_probe --model minilm-l6 --method svd-llm,svd-llm+adacomp \\
+    python -m benchmarks.output_scale_check --model minilm-l6 --method svd-llm,svd-llm+adacomp \\
         --ratio 0.4 [--calib-samples 128 --calib-seqlen 128] [--heldout-samples 64] [--out FILE.json]
 
 Why: a refit that regresses the dense outputs ``W X`` on perturbed inputs ``X_c = X + E`` (adaComp's
@@ -33,11 +33,11 @@ from torch import Tensor, nn
 from harness import data
 from harness.engine.capture import capture_block_inputs
 from harness.engine.compress import compress_model, restore
+from harness.engine.models import discover, get_module, is_encoder_config, load_model
 from harness.engine.statistics import CalibrationStatistics
-from harness.models import discover, get_module, is_encoder_config, load_model
 from methods import parse_method, split_method_list
 
-log = logging.getLogger("benchmarks.output_scale_probe")
+log = logging.getLogger("benchmarks.output_scale_check")
 
 
 @torch.no_grad()
@@ -71,7 +71,7 @@ def output_norms(model: nn.Module, names: list[str], ids: Tensor, mask: Tensor |
     return dict(sums), torch.cat(finals)
 
 
-def probe(args: argparse.Namespace) -> list[dict[str, Any]]:
+def measure_output_scales(args: argparse.Namespace) -> list[dict[str, Any]]:
     model, tok = load_model(args.model, "float32")
     layout = discover(model)
     encoder = is_encoder_config(model.config)
@@ -85,7 +85,7 @@ def probe(args: argparse.Namespace) -> list[dict[str, Any]]:
         return capture_block_inputs(model, layout, calib.input_ids, device, attention_mask=calib.attention_mask)
 
     source = CalibrationStatistics.in_directory(model, layout, batches, device,
-                                                Path(tempfile.mkdtemp(prefix="output-scale-probe-")))
+                                                Path(tempfile.mkdtemp(prefix="output-scale-check-")))
     names = [m.name for m in layout.modules]
     kind = {m.name: m.kind for m in layout.modules}
     ref, ref_final = output_norms(model, names, held.input_ids, mask)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.calib = args.calib or f"file:{os.environ.get('SVDBENCH_DATA', '')}/wikitext-2-v1/valid.txt"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    rows = probe(args)
+    rows = measure_output_scales(args)
     text = render(rows)
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1), encoding="utf-8")

@@ -19,7 +19,7 @@ Cost: ``n_sequences x (2 + sum_j #distinct ranks of j's candidates other than th
 sequence-forwards. Two savings keep it down: candidates that give module ``j`` the same rank are
 measured once, and (``skip_prefix``) a forward for a module of block ``b`` replays the base state's
 cached output of block ``b - 1`` instead of recomputing blocks ``0..b-1``, which a perturbation in
-block ``b`` cannot change. Tables are cached on disk under ``$SVDBENCH_CACHE/sensitivity/<key>.pt``
+block ``b`` cannot change. Tables are cached on disk under ``$SVDBENCH_CACHE/sensitivity/<key>.json`` (checksummed JSON)
 (default ``~/.cache/svdbench``), keyed by the model content hash, dtype, calibration token hash,
 candidates, ``n_sequences``, base keep and the target modules.
 """
@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from harness.cache import cache_path, read_checked_json, write_checked_json
 from harness.engine.capture import BlockStandIn, move
-from harness.models import Layout, get_module, set_module
-from harness.probes import ProbeContext, register_probe
+from harness.engine.models import Layout, get_module, set_module
+from harness.engine.probes import ProbeContext, register_probe
 from methods import LinearStats, LowRankLinear, ModuleInfo, rank_for
 from methods._linalg import Whitening, top_svd
 

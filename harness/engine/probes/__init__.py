@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.models import Layout
+from harness.engine.models import Layout
 from methods import LinearStats
 from methods.registry import Registry
 
@@ -45,7 +45,7 @@ class ProbeContext:
 
 
 PROBES: Registry[Callable[[ProbeContext], Any]] = Registry("probe")
-_MODULES = ("harness.probes.kl_sensitivity", "harness.probes.asvd_sensitivity")
+_MODULES = ("harness.engine.probes.kl_sensitivity", "harness.engine.probes.asvd_sensitivity")
 
 
 def register_probe(name: str) -> Callable[[Callable[[ProbeContext], Any]], Callable[[ProbeContext], Any]]:

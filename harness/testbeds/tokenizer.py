@@ -86,7 +86,7 @@ def load_training_text(data_dir: str | Path | None = None, val_fraction: float =
     return text[:cut], text[cut:]
 
 
-def train_reference_tokenizer(
+def train_testbed_tokenizer(
     text: str, vocab_size: int = 4096, model_max_length: int = 256
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``text`` and wrap it for ``transformers``.

@@ -5,7 +5,7 @@ here: ``tiny-llama`` (LlamaForCausalLM, grouped-query attention 8/4) and ``tiny-
 (OPTForCausalLM), d=256, 256 positions, each trained in about two minutes on two CPU cores; and
 ``small-llama`` / ``small-opt`` (d=512, 8 blocks, 1024 positions), meant for a GPU.
 
-Recipe: the byte-level BPE tokenizer of :mod:`harness.reference_tokenizer` (4096 tokens), random
+Recipe: the byte-level BPE tokenizer of :mod:`harness.testbeds.tokenizer` (4096 tokens), random
 init from a ``transformers`` config, AdamW with warmup and cosine decay, windows of
 ``max_position_embeddings`` tokens drawn at seeded random offsets of the training text, and early
 stopping on the held-out tail (the best checkpoint by validation loss is kept). Everything is
@@ -52,12 +52,12 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedModel
 
 from harness.cache import directory_manifest, manifest_mismatches, move_aside
-from harness.reference_probes import activation_outlier_report, mean_token_nll
-from harness.reference_tokenizer import (
+from harness.testbeds.diagnostics import activation_outlier_report, mean_token_nll
+from harness.testbeds.tokenizer import (
     data_checksums,
     encode_text,
     load_training_text,
-    train_reference_tokenizer,
+    train_testbed_tokenizer,
     validation_windows,
 )
 
@@ -70,7 +70,7 @@ BOS_WINDOW_FRACTION = 0.0
 
 
 @dataclass(frozen=True)
-class ReferenceSpec:
+class TestbedSpec:
     """Architecture and training schedule of one reference model.
 
     Attributes:
@@ -118,22 +118,22 @@ _SMALL = dict(
     hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, max_positions=1024,
     steps=3000, batch_size=32, lr=1e-3, warmup_steps=100, eval_every=100, patience=5,
 )  # fmt: skip
-REFERENCE_SPECS: dict[str, ReferenceSpec] = {
-    "tiny-llama": ReferenceSpec("tiny-llama", "llama", intermediate_size=688, **_TINY),
-    "tiny-opt": ReferenceSpec("tiny-opt", "opt", intermediate_size=1024, **_TINY),
+TESTBED_SPECS: dict[str, TestbedSpec] = {
+    "tiny-llama": TestbedSpec("tiny-llama", "llama", intermediate_size=688, **_TINY),
+    "tiny-opt": TestbedSpec("tiny-opt", "opt", intermediate_size=1024, **_TINY),
     # The same architectures trained ~5x longer (about 2.5 epochs of the pack's 0.78M training
     # tokens): the 250-step models are so undertrained that their linears are a low-rank learned
     # update on top of random init, and even 80% SVD compression moves perplexity by under 1%, so
     # method comparisons on them are noise. These are the models of results/reference and the
     # ablations (about 18 CPU-minutes each: 1,083 and 1,191 CPU-seconds measured at one thread).
-    "tiny-llama-long": ReferenceSpec("tiny-llama-long", "llama", intermediate_size=688, **_TINY, **_LONG),
-    "tiny-opt-long": ReferenceSpec("tiny-opt-long", "opt", intermediate_size=1024, **_TINY, **_LONG),
-    "small-llama": ReferenceSpec("small-llama", "llama", intermediate_size=1376, **_SMALL),
-    "small-opt": ReferenceSpec("small-opt", "opt", intermediate_size=2048, **_SMALL),
+    "tiny-llama-long": TestbedSpec("tiny-llama-long", "llama", intermediate_size=688, **_TINY, **_LONG),
+    "tiny-opt-long": TestbedSpec("tiny-opt-long", "opt", intermediate_size=1024, **_TINY, **_LONG),
+    "small-llama": TestbedSpec("small-llama", "llama", intermediate_size=1376, **_SMALL),
+    "small-opt": TestbedSpec("small-opt", "opt", intermediate_size=2048, **_SMALL),
 }
 
 
-def build_model(spec: ReferenceSpec) -> PreTrainedModel:
+def build_model(spec: TestbedSpec) -> PreTrainedModel:
     """Build a randomly initialised causal LM for ``spec`` (seed torch first for a fixed init).
 
     Args:
@@ -141,7 +141,7 @@ def build_model(spec: ReferenceSpec) -> PreTrainedModel:
 
     Returns:
         An untrained ``LlamaForCausalLM`` or ``OPTForCausalLM`` in float32. Special token ids
-        follow :mod:`harness.reference_tokenizer` (BOS 0, EOS 1, pad 2).
+        follow :mod:`harness.testbeds.tokenizer` (BOS 0, EOS 1, pad 2).
     """
     ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=2, vocab_size=spec.vocab_size)
     if spec.family == "llama":
@@ -162,7 +162,7 @@ def build_model(spec: ReferenceSpec) -> PreTrainedModel:
     raise ValueError(f"Unknown model family {spec.family!r}; expected 'llama' or 'opt'.")
 
 
-def reference_cache_key(spec: ReferenceSpec, seed: int, checksums: dict[str, str]) -> str:
+def testbed_cache_key(spec: TestbedSpec, seed: int, checksums: dict[str, str]) -> str:
     """Stable hash of everything that determines a reference model's weights.
 
     Args:
@@ -177,7 +177,7 @@ def reference_cache_key(spec: ReferenceSpec, seed: int, checksums: dict[str, str
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _batches(spec: ReferenceSpec, train_ids: torch.Tensor, bos_id: int, seed: int) -> Iterator[torch.Tensor]:
+def _batches(spec: TestbedSpec, train_ids: torch.Tensor, bos_id: int, seed: int) -> Iterator[torch.Tensor]:
     """Yield training batches: windows at seeded random offsets, some led by BOS (fixed order)."""
     generator = torch.Generator().manual_seed(seed)
     length = spec.max_positions
@@ -191,14 +191,14 @@ def _batches(spec: ReferenceSpec, train_ids: torch.Tensor, bos_id: int, seed: in
         yield torch.stack(rows)
 
 
-def _optimizer(model: PreTrainedModel, spec: ReferenceSpec) -> torch.optim.Optimizer:
+def _optimizer(model: PreTrainedModel, spec: TestbedSpec) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.95))
 
 
-def _lr_factor(step: int, spec: ReferenceSpec) -> float:
+def _lr_factor(step: int, spec: TestbedSpec) -> float:
     if step < spec.warmup_steps:
         return (step + 1) / spec.warmup_steps
     progress = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
@@ -226,8 +226,8 @@ def _deterministic_torch(device: str) -> Iterator[int]:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-def train_reference_model(
-    spec: ReferenceSpec,
+def train_testbed_model(
+    spec: TestbedSpec,
     out_dir: str | Path,
     data_dir: str | Path | None = None,
     seed: int = 0,
@@ -237,7 +237,7 @@ def train_reference_model(
 
     Args:
         spec: The reference spec.
-        out_dir: Directory to write (created if missing). Not atomic: see :func:`ensure_reference_model`.
+        out_dir: Directory to write (created if missing). Not atomic: see :func:`ensure_testbed_model`.
         data_dir: Data pack directory (default ``$SVDBENCH_DATA``).
         seed: Seed of init, data order and BOS choice.
         device: Torch device for training, e.g. ``"cpu"`` or ``"cuda"``.
@@ -248,7 +248,7 @@ def train_reference_model(
     out_dir = Path(out_dir)
     checksums = data_checksums(data_dir)
     train_text, val_text = load_training_text(data_dir)
-    tokenizer = train_reference_tokenizer(train_text, spec.vocab_size, spec.max_positions)
+    tokenizer = train_testbed_tokenizer(train_text, spec.vocab_size, spec.max_positions)
     train_ids = encode_text(tokenizer, train_text)
     val = validation_windows(tokenizer, val_text, spec.max_positions)
     logger.info("%s: %d training tokens, %d validation windows", spec.name, train_ids.numel(), val.shape[0])
@@ -301,7 +301,7 @@ def train_reference_model(
         "spec": asdict(spec),
         "seed": seed,
         "recipe_version": RECIPE_VERSION,
-        "cache_key": reference_cache_key(spec, seed, checksums),
+        "cache_key": testbed_cache_key(spec, seed, checksums),
         "data_checksums": checksums,
         "device": device,
         "cpu_threads": threads,
@@ -324,7 +324,7 @@ def train_reference_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu", dtype=torch.float32).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    # Checksums of every file, so a damaged cache entry is detected on read (ensure_reference_model).
+    # Checksums of every file, so a damaged cache entry is detected on read (ensure_testbed_model).
     card["files"] = directory_manifest(out_dir)
     (out_dir / CARD_NAME).write_text(json.dumps(card, indent=2) + "\n")
     return card
@@ -336,7 +336,7 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "svdbench") / "reference_models"
 
 
-def reference_model_path(
+def testbed_model_path(
     name: str, data_dir: str | Path | None = None, cache_dir: str | Path | None = None, *, seed: int = 0
 ) -> Path:
     """Where reference model ``name`` is (or would be) cached; trains nothing.
@@ -347,10 +347,10 @@ def reference_model_path(
         KeyError: If ``name`` is not a known spec.
         FileNotFoundError: If no data pack is given or found (see ``SVDBENCH_DATA``).
     """
-    if name not in REFERENCE_SPECS:
-        raise KeyError(f"Unknown reference model {name!r}; known: {sorted(REFERENCE_SPECS)}")
+    if name not in TESTBED_SPECS:
+        raise KeyError(f"Unknown reference model {name!r}; known: {sorted(TESTBED_SPECS)}")
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return cache_root / f"{name}-{reference_cache_key(REFERENCE_SPECS[name], seed, data_checksums(data_dir))[:16]}"
+    return cache_root / f"{name}-{testbed_cache_key(TESTBED_SPECS[name], seed, data_checksums(data_dir))[:16]}"
 
 
 def is_trained(path: str | Path) -> bool:
@@ -368,7 +368,7 @@ def _damaged_files(path: Path) -> list[str]:
     return manifest_mismatches(path, card.get("files") or {})
 
 
-def ensure_reference_model(
+def ensure_testbed_model(
     name: str,
     data_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
@@ -382,7 +382,7 @@ def ensure_reference_model(
     complete, so an interrupted run never leaves a directory that looks finished.
 
     Args:
-        name: A key of ``REFERENCE_SPECS``, e.g. ``"tiny-llama"``.
+        name: A key of ``TESTBED_SPECS``, e.g. ``"tiny-llama"``.
         data_dir: Data pack directory (default ``$SVDBENCH_DATA``).
         cache_dir: Cache root (default :func:`default_cache_dir`).
         device: Torch device used if training is needed.
@@ -395,7 +395,7 @@ def ensure_reference_model(
         KeyError: If ``name`` is not a known spec.
         FileNotFoundError: If no data pack is given or found (see ``SVDBENCH_DATA``).
     """
-    final = reference_model_path(name, data_dir, cache_dir, seed=seed)
+    final = testbed_model_path(name, data_dir, cache_dir, seed=seed)
     final.parent.mkdir(parents=True, exist_ok=True)
     # One trainer per model: concurrent processes (test workers, sweep jobs on one node) wait for it
     # and then find the cached model, instead of all training the same one.
@@ -411,13 +411,13 @@ def _ensure_locked(name: str, final: Path, data_dir: str | Path | None, device: 
             logger.info("Reference model %s found in cache: %s", name, final)
             return final
         move_aside(final, f"cached reference model fails its checksums ({', '.join(bad)})")
-    spec = REFERENCE_SPECS[name]
+    spec = TESTBED_SPECS[name]
     cache_root = final.parent
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_root))
     try:
         logger.info("Training reference model %s on %s (cache miss: %s)", name, device, final)
-        train_reference_model(spec, tmp, data_dir, seed=seed, device=device)
+        train_testbed_model(spec, tmp, data_dir, seed=seed, device=device)
         try:
             tmp.rename(final)
         except OSError:
@@ -431,7 +431,7 @@ def _ensure_locked(name: str, final: Path, data_dir: str | Path | None, device: 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: train (or find cached) a reference model and print its directory."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--name", required=True, choices=sorted(REFERENCE_SPECS))
+    parser.add_argument("--name", required=True, choices=sorted(TESTBED_SPECS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None, help="data pack (default: $SVDBENCH_DATA)")
     parser.add_argument(
@@ -440,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    path = ensure_reference_model(args.name, args.data_dir, args.cache_dir, args.device, seed=args.seed)
+    path = ensure_testbed_model(args.name, args.data_dir, args.cache_dir, args.device, seed=args.seed)
     print(path)
     return 0
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.packaged_models import PACKAGED, resolve_packaged
+from harness.engine.packaged import PACKAGED, resolve_packaged
 from methods import ModuleInfo
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise ValueError(
             f"could not find the decoder blocks of {type(model).__name__} (model_type={model_type!r}); "
-            "add its block path to harness.models.BLOCK_ADAPTERS"
+            "add its block path to harness.engine.models.BLOCK_ADAPTERS"
         )
     return best[1], best[2]
 

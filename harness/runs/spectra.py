@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from harness.models import get_module
+from harness.engine.models import get_module
 from harness.runs import Session
 from methods._linalg import rank_from_ratio
 from methods.statistics import InputGram

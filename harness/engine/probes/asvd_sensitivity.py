@@ -12,7 +12,7 @@ arXiv 2312.05821, Sec. 3.3; allocator in ``methods/sensitivity_threshold.py``):
 
 Cost: ``n_sequences x (1 + sum_j #distinct ranks of j's candidates)`` sequence-forwards plus one
 factorization per (module, distinct rank). It reuses the KL probe's forward machinery
-(``harness/probes/kl_sensitivity.py``): the dense model's block outputs are recorded once and a
+(``harness/engine/probes/kl_sensitivity.py``): the dense model's block outputs are recorded once and a
 forward for a module of block ``b`` replays block ``b - 1``'s output instead of recomputing blocks
 ``0..b-1``, which the perturbation cannot change. Tables are cached as checksummed JSON under
 ``$SVDBENCH_CACHE/sensitivity/`` keyed by the model content hash, dtype, the calibration (all
@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from harness.cache import cache_path, read_checked_json, write_checked_json
-from harness.models import Layout, get_module, set_module
-from harness.probes import ProbeContext, register_probe
-from harness.probes.kl_sensitivity import KLSensitivityProbe
+from harness.engine.models import Layout, get_module, set_module
+from harness.engine.probes import ProbeContext, register_probe
+from harness.engine.probes.kl_sensitivity import KLSensitivityProbe
 from methods import LinearStats, rank_for
 from methods.components import component_config
 
