@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.report.cells import cell_identity
+from harness.report.entries import entry_identity
 from harness.report.spread import SINGLE_SEED_NOTE, SPREAD_DEFINITION, Estimate, estimate
 from harness.report.staleness import stale_reasons
 from harness.report.store import read_records, records_to_frame, value_text
@@ -102,7 +102,7 @@ def ablation_rows(records: list[dict[str, Any]], metric: str, digits: int = 2) -
     if frame.empty:
         return []
     values = _per_record(frame, records, metric)
-    identity = cell_identity(frame)
+    identity = entry_identity(frame)
     values["_cell"] = frame["ratio"].round(6).astype(str) + "|" + identity
     # Ablation tables name methods by their method strings; a config hash only where one string has several.
     several = identity.groupby(frame["method"]).transform("nunique") > 1

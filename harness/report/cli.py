@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from harness.report.cells import LimitedRecordsError
+from harness.report.entries import LimitedRecordsError
 
 __all__ = ["add_report_subcommands", "cmd_leaderboard", "cmd_plot", "cmd_compare"]
 

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from harness.report.cells import protocol_columns
+from harness.report.entries import protocol_columns
 from harness.report.metrics import metric_columns, relative_change, resolve_metric, verdict
 from harness.report.scenario import check_scenario
 from harness.report.store import as_frame, load_store, value_text

@@ -29,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.report.cells import smoke_mask
+from harness.report.entries import smoke_mask
 from harness.report.html_assets import SCRIPT, SCRIPT_FILE, STYLE, STYLE_FILE
 from harness.report.html_common import esc, page
 from harness.report.html_detail import detail_page

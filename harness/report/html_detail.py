@@ -10,7 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from harness.report.cells import method_display_name
+from harness.report.entries import method_display_name
 from harness.report.html_common import esc, facts, json_block, page, plain_table
 from harness.report.metrics import is_metric_column, resolve_metric
 from harness.report.store import flatten_metrics

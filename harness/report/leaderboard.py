@@ -25,13 +25,13 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
-from harness.report.cells import (
+from harness.report.entries import (
     LIMITED_MARK,
     PARTIAL_MARK,
     LimitedRecordsError,
-    cell_identity,
-    cell_labels,
     check_limited,
+    entry_identity,
+    entry_labels,
     method_sort_key,
     protocol_columns,
     select_model,
@@ -76,9 +76,9 @@ class LeaderboardTable:
     Attributes:
         model: Model name.
         metrics: Column specs, in order.
-        rows: One row per cell: ``ratio``, ``method``, ``label``, ``is_dense``, ``n_seeds``,
+        rows: One row per entry: ``ratio``, ``method``, ``label``, ``is_dense``, ``n_seeds``,
             ``seeds``, ``limited``, ``partial_windows``, ``achieved_ratio``, ``status`` (``ok``,
-            or ``failed``/``stale`` when no record of the cell is usable), ``note``, ``members``
+            or ``failed``/``stale`` when no record of the entry is usable), ``note``, ``members``
             (one dict per record: run_key, source_file, seed, status, stale, copy) and one column per
             metric key holding the mean over seeds (NaN when not measured or not ok).
         spread: Same index as ``rows``, one column per metric key: the sample standard deviation
@@ -115,7 +115,7 @@ class LeaderboardTable:
         """What every format prints for row ``i``, column ``key`` (without bold or tie markup).
 
         ``mean ± s`` with two or more seeds, the value alone with one, the row's status
-        (``failed``/``stale``) instead of any number when no record of the cell is usable, and
+        (``failed``/``stale``) instead of any number when no record of the entry is usable, and
         ``(n=k)`` when this column has fewer seeds than the row.
         """
         status = self.rows.at[i, "status"]
@@ -177,11 +177,11 @@ def _last_error_line(error: Any) -> str:
 
 
 def _adopt_orphans(frame: pd.DataFrame, identity: pd.Series) -> pd.Series:
-    """Give failed records written without config or calibration the identity of their method's cell.
+    """Give failed records written without config or calibration the identity of their method's entry.
 
-    A sweep that fails before the engine starts (model load, a dead worker) records the cell with
+    A sweep that fails before the engine starts (model load, a dead worker) records the entry with
     ``config``/``calibration`` None. When the method has exactly one identity among the other
-    records, that is the cell the failure belongs to; otherwise it stays a row of its own.
+    records, that is the entry the failure belongs to; otherwise it stays a row of its own.
     """
     identity = identity.copy()
     orphan = (frame["status"] == "failed") & frame["method_config"].isin(["{}", "null"]) & (frame["method"] != "dense")
@@ -192,13 +192,13 @@ def _adopt_orphans(frame: pd.DataFrame, identity: pd.Series) -> pd.Series:
     return identity
 
 
-def _cell_row(model: str, cell: pd.DataFrame, keys: list[str]) -> tuple[dict[str, Any], dict[str, Estimate]]:
-    """Aggregate one cell's records (all seeds) into a table row and its per-metric estimates."""
-    usable = cell[cell["_usable"]]
+def _entry_row(model: str, entry: pd.DataFrame, keys: list[str]) -> tuple[dict[str, Any], dict[str, Estimate]]:
+    """Aggregate one entry's records (all seeds) into a table row and its per-metric estimates."""
+    usable = entry[entry["_usable"]]
     # The same record copied into two result folders (same run key, same numbers) is one record.
     copies = usable.duplicated(subset=["run_key", "_seed", *keys], keep="first")
     if copies.any():
-        logger.info("%s %s: %d identical copies of records counted once", model, cell["label"].iloc[0], int(copies.sum()))
+        logger.info("%s %s: %d identical copies of records counted once", model, entry["label"].iloc[0], int(copies.sum()))
         usable = usable[~copies]
     # Re-runs of one seed (e.g. another harness version) are averaged first: they are not extra seeds.
     seeds = sorted(usable["_seed"].unique())
@@ -206,11 +206,11 @@ def _cell_row(model: str, cell: pd.DataFrame, keys: list[str]) -> tuple[dict[str
     if len(usable) > len(per_seed):
         logger.warning(
             "%s %s: %d records for %d seed(s); re-runs of one seed are averaged, not counted as seeds",
-            model, cell["label"].iloc[0], len(usable), len(per_seed),
+            model, entry["label"].iloc[0], len(usable), len(per_seed),
         )
     estimates = {k: estimate(per_seed[k].tolist()) for k in keys}
-    failed = cell[cell["status"] == "failed"]
-    stale = cell[(cell["status"] == "ok") & cell["_stale"].notna()]
+    failed = entry[entry["status"] == "failed"]
+    stale = entry[(entry["status"] == "ok") & entry["_stale"].notna()]
     status = "ok" if len(usable) else ("failed" if len(failed) else "stale")
     notes = []
     if len(failed):
@@ -218,7 +218,7 @@ def _cell_row(model: str, cell: pd.DataFrame, keys: list[str]) -> tuple[dict[str
         notes.append(f"{len(failed)} failed run(s) (seed {seeds}): {_last_error_line(failed['error'].iloc[0])}")
     if len(stale):
         notes.append(f"{len(stale)} stale record(s) left out: {stale['_stale'].iloc[0]}")
-    ordered = cell.sort_values(["_seed", "run_key", "source_file"])
+    ordered = entry.sort_values(["_seed", "run_key", "source_file"])
     is_copy = ordered.duplicated(subset=["run_key", "_seed", "status", *keys], keep="first")
     members = [
         {
@@ -231,7 +231,7 @@ def _cell_row(model: str, cell: pd.DataFrame, keys: list[str]) -> tuple[dict[str
         }
         for (_, r), copy in zip(ordered.iterrows(), is_copy, strict=True)
     ]
-    first = cell.iloc[0]
+    first = entry.iloc[0]
     row = {
         "ratio": first["_ratio"],
         "method": first["method"],
@@ -239,8 +239,8 @@ def _cell_row(model: str, cell: pd.DataFrame, keys: list[str]) -> tuple[dict[str
         "is_dense": first["method"] == "dense",
         "n_seeds": len(per_seed),
         "seeds": list(per_seed.index),
-        "limited": bool(cell["limited"].any()),
-        "partial_windows": bool(cell["partial_windows"].any()),
+        "limited": bool(entry["limited"].any()),
+        "partial_windows": bool(entry["partial_windows"].any()),
         "achieved_ratio": pd.to_numeric(usable["achieved_ratio"], errors="coerce").mean() if len(usable) else math.nan,
         "status": status,
         "note": "; ".join(notes),
@@ -260,7 +260,7 @@ def _build_one(
         frame[col] = frame[col].fillna(False).astype(bool) if col in frame else False
     stale = frame[(frame["status"] == "ok") & ~frame["_usable"]]
     for _, r in stale.iterrows():
-        # Shown as "stale" where unusable cells are kept; otherwise the reader must hear why a row is gone.
+        # Shown as "stale" where unusable entries are kept; otherwise the reader must hear why a row is gone.
         logger.log(
             logging.INFO if include_unusable else logging.WARNING,
             "stale record %s (%s, ratio %s): %s", r["source_file"] or r["run_key"], r["method"], r["ratio"], r["_stale"],
@@ -270,7 +270,7 @@ def _build_one(
     usable = frame[frame["_usable"]]
     if frame.empty:
         raise ValueError(f"{model}: no usable records (all failed or stale)")
-    if usable.empty:  # only failed/stale cells to show: no column has a value
+    if usable.empty:  # only failed/stale entries to show: no column has a value
         specs = [resolve_metric(m, frame.columns) for m in metrics or []]
     else:
         specs = _resolve_metrics(usable, metrics)
@@ -279,11 +279,11 @@ def _build_one(
         # Coerce: a column that is None in every record arrives as object dtype and cannot be averaged.
         frame[k] = pd.to_numeric(frame[k], errors="coerce") if k in frame.columns else math.nan
     protocols = _protocols(model, frame[frame["_usable"]], specs)
-    frame["_identity"] = _adopt_orphans(frame, cell_identity(frame))
+    frame["_identity"] = _adopt_orphans(frame, entry_identity(frame))
     frame["_ratio"] = frame["ratio"].round(6)
     frame["_seed"] = frame["seed"].map(value_text)
-    frame["label"] = cell_labels(frame)
-    built = [_cell_row(model, cell, keys) for _, cell in frame.groupby(["_ratio", "_identity"], sort=False)]
+    frame["label"] = entry_labels(frame)
+    built = [_entry_row(model, entry, keys) for _, entry in frame.groupby(["_ratio", "_identity"], sort=False)]
     # Dense first, then ratio groups ascending, then the fixed method order.
     built.sort(
         key=lambda b: (
@@ -339,7 +339,7 @@ def _caption(table: LeaderboardTable, frame: pd.DataFrame) -> str:
     if table.rows["partial_windows"].astype(bool).any():
         parts.append(f"{PARTIAL_MARK} perplexity over the first N windows only (--eval-max-windows smoke run).")
     if (table.rows["status"] != "ok").any():
-        parts.append("failed / stale: no usable record for the cell; no number is shown.")
+        parts.append("failed / stale: no usable record for the entry; no number is shown.")
     return " ".join(parts)
 
 
@@ -357,7 +357,7 @@ def build_leaderboard(
         metrics: Metric names/aliases for the columns; default: every registered metric with values.
         allow_limited: Include ``--limit`` smoke-run records (marked with †) instead of refusing.
         model: Restrict to one model (name or id); default: one table per model.
-        include_unusable: Keep cells whose records are all failed or stale, as rows with that
+        include_unusable: Keep entries whose records are all failed or stale, as rows with that
             status and no numbers (the HTML site); by default they are left out (stale ones with a
             warning each; failed ones are already dropped, with a warning, by the store loader).
 
@@ -378,7 +378,7 @@ def build_leaderboard(
     return tables
 
 
-def _cells(table: LeaderboardTable, bold: tuple[str, str], missing: str) -> list[list[str]]:
+def _text_rows(table: LeaderboardTable, bold: tuple[str, str], missing: str) -> list[list[str]]:
     out = []
     keys = table.group_keys()
     for i, r in table.rows.iterrows():
@@ -398,7 +398,7 @@ def _cells(table: LeaderboardTable, bold: tuple[str, str], missing: str) -> list
 def _render_md(table: LeaderboardTable) -> str:
     headers = ["Ratio", "Method", "n"] + [f"{s.label}{s.arrow}" for s in table.metrics]
     body = tabulate(
-        _cells(table, ("**", "**"), "–"),
+        _text_rows(table, ("**", "**"), "–"),
         headers=headers,
         tablefmt="pipe",
         disable_numparse=True,
@@ -454,9 +454,9 @@ def _render_latex(table: LeaderboardTable) -> str:
         "\\toprule",
         header + " \\\\",
     ]
-    cells = _cells(table, ("\x00B", "\x00E"), "–")
+    text_rows = _text_rows(table, ("\x00B", "\x00E"), "–")
     keys = table.group_keys()
-    for i, row in enumerate(cells):
+    for i, row in enumerate(text_rows):
         if row[0]:
             lines.append("\\midrule")
             span = keys.count(keys[i])

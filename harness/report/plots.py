@@ -20,10 +20,10 @@ import pandas as pd
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, PercentFormatter
 
 from harness.report import style
-from harness.report.cells import (
-    cell_identity,
-    cell_labels,
+from harness.report.entries import (
     check_limited,
+    entry_identity,
+    entry_labels,
     method_sort_key,
     select_model,
 )
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 PLOT_KINDS: tuple[str, ...] = ("ppl-vs-ratio", "zeroshot-vs-ratio", "metric-vs-ratio", "rank-allocation", "spectra")
 _VS_RATIO = ("ppl-vs-ratio", "zeroshot-vs-ratio", "metric-vs-ratio")
-ERROR_BARS = f"±1 {SPREAD_NAME} over seeds, where a cell has two or more seeds"
+ERROR_BARS = f"±1 {SPREAD_NAME} over seeds, where an entry has two or more seeds"
 RATIO_LABEL = "Compression ratio (params removed)"
 # Projection panels in architecture order (Llama/Mistral/Qwen, then OPT); others follow alphabetically.
 _KIND_ORDER = [
@@ -100,12 +100,12 @@ def _ylabel(spec: MetricSpec) -> str:
 
 
 def _series(frame: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
-    """Split non-dense rows into (method, label, rows) series, one per cell identity, in method order."""
+    """Split non-dense rows into (method, label, rows) series, one per entry identity, in method order."""
     rows = frame[frame["method"] != "dense"].copy()
     if rows.empty:
         return []
-    rows["_identity"] = cell_identity(rows)
-    rows["_label"] = cell_labels(rows)
+    rows["_identity"] = entry_identity(rows)
+    rows["_label"] = entry_labels(rows)
     out = [
         (str(g["method"].iloc[0]), str(g["_label"].iloc[0]), g)
         for _, g in rows.groupby("_identity", sort=False)
@@ -326,7 +326,7 @@ def plot(
         metric: For ``ppl-vs-ratio`` (default ``wikitext2``), ``zeroshot-vs-ratio`` (default
             ``average``) and ``metric-vs-ratio`` (required; any metric, e.g. ``embed-fidelity``):
             the plotted metric name or alias. These figures draw the mean over seeds with error
-            bars of ±1 sample standard deviation where a cell has two or more seeds.
+            bars of ±1 sample standard deviation where an entry has two or more seeds.
         ratio: For ``rank-allocation``: the ratio shown (default: the one most methods share).
         value: For ``rank-allocation``: ``"keep"`` (kept fraction per matrix) or ``"rank"``.
         spectra: For ``spectra``: path of the JSON/npz dump (see :func:`load_spectra`).

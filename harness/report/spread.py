@@ -1,6 +1,6 @@
-"""Seed replicates: mean and spread of a cell, and the best/tie rule every report shares.
+"""Seed replicates: mean and spread of an entry, and the best/tie rule every report shares.
 
-Records of one cell that differ only in the seed are replicates. Every report (tables, ablation
+Records of one entry that differ only in the seed are replicates. Every report (tables, ablation
 tables, figures, the HTML site) summarises them the same way:
 
 * **mean** over seeds; re-runs of one seed are averaged first, so they never count as extra seeds;
@@ -49,7 +49,7 @@ _EPS = 1e-9  # printed numbers are decimal; keep 0.1 + 0.2 style float noise fro
 
 @dataclass(frozen=True)
 class Estimate:
-    """A cell's value over its seeds.
+    """An entry's value over its seeds.
 
     Attributes:
         mean: Mean over seeds (NaN when no seed has a value; ±inf when a seed diverged).

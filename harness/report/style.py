@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from harness.records import git_state
-from harness.report.cells import method_display_name
+from harness.report.entries import method_display_name
 
 __all__ = [
     "OKABE_ITO",
@@ -102,7 +102,7 @@ class MethodStyle:
 
 
 # Fixed assignments for the methods we ship. Black is reserved for the dense reference.
-# Labels come from the one table of display names (harness.report.cells), as in every report.
+# Labels come from the one table of display names (harness.report.entries), as in every report.
 METHOD_STYLES: dict[str, MethodStyle] = {
     name: MethodStyle(OKABE_ITO[color], marker, line, method_display_name(name))
     for name, color, marker, line in (

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.report.cells import LimitedRecordsError
+from harness.report.entries import LimitedRecordsError
 from harness.report.plots import PLOT_KINDS, _pick_ratio, plot
 from harness.report.spectra import load_spectra
 from harness.report.store import load_store

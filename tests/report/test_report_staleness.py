@@ -8,7 +8,7 @@ import pytest
 from report_fixtures import make_record
 from test_report_leaderboard import md_rows
 
-from harness.report.cells import PARTIAL_MARK, smoke_mask
+from harness.report.entries import PARTIAL_MARK, smoke_mask
 from harness.report.leaderboard import build_leaderboard, render_leaderboard
 from harness.report.staleness import stale_reasons
 from harness.report.store import records_to_frame

@@ -1,8 +1,9 @@
-"""What a "cell" is, shared by every report: identity, labels, method order, model and --limit checks.
+"""What an entry is, shared by every report: identity, labels, method order, model and --limit checks.
 
-A cell is one (model, method + config, ratio, calibration, limit) point of a sweep; seeds of the
-same cell are replicates, summarised as mean and spread (:mod:`harness.report.spread`) in tables
-and figures and matched one by one in :mod:`compare`.
+An entry is one (model, method + config, ratio, calibration, limit) point of a sweep (one row of a
+table); its records of different seeds (the sweep's cells) are replicates, summarised as mean and
+spread (:mod:`harness.report.spread`) in tables and figures; :mod:`compare` matches cells, seed by
+seed.
 
 Smoke records are of two kinds: lm-eval ``--limit`` runs (``limited``; leaderboards refuse them
 unless allowed, marked †) and perplexities scored on the first N windows only
@@ -32,8 +33,8 @@ __all__ = [
     "select_model",
     "check_limited",
     "protocol_columns",
-    "cell_identity",
-    "cell_labels",
+    "entry_identity",
+    "entry_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -140,17 +141,17 @@ def protocol_columns(key: str) -> list[str]:
     return cols
 
 
-def cell_identity(frame: pd.DataFrame) -> pd.Series:
-    """Cell identity without ratio and seed (method, config, calibration, limit); seeds are replicates."""
+def entry_identity(frame: pd.DataFrame) -> pd.Series:
+    """Entry identity without ratio and seed (method, config, calibration, limit); seeds are replicates."""
     parts = ["method", "method_config", "calib_source", "calib_samples", "calib_seqlen", "limit"]
     keys = ["|".join(_text(v) for v in row) for row in frame[parts].itertuples(index=False)]
     return pd.Series(keys, index=frame.index, dtype=object)
 
 
-def cell_labels(frame: pd.DataFrame) -> pd.Series:
+def entry_labels(frame: pd.DataFrame) -> pd.Series:
     """Method labels, disambiguated when one method name covers several configs/calibrations.
 
-    ``frame`` must carry an ``_identity`` column from :func:`cell_identity`.
+    ``frame`` must carry an ``_identity`` column from :func:`entry_identity`.
     """
     labels = frame["method"].map(method_display_name)
     calib_cols = ["calib_source", "calib_samples", "calib_seqlen"]
