@@ -7,7 +7,7 @@ would not save storage), and its loss is the increase of the model's deviation w
 
     l_j(p) = D_j(p) - D_j(rho),    D_j(p) = KL(P_dense || P_{j at p, others at rho})
 
-measured by the engine (probe ``kl_sensitivity``, see ``harness/probes/kl_sensitivity.py``). Assuming the
+measured by the engine (probe ``kl_sensitivity``, see ``harness/engine/probes/kl_sensitivity.py``). Assuming the
 increments add up over modules, the allocation is
 
     min_{p_j} sum_j l_j(p_j)   s.t.   B - slack <= sum_j cost_j(p_j) <= B

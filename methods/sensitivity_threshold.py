@@ -3,7 +3,7 @@
 Sensitivity: for every target linear ``j`` and every candidate keep ratio ``p`` (ASVD's code:
 ``{0.1, ..., 0.9}``), replace module ``j`` alone by its rank-``k(p)`` factorization, keep every other
 module dense, and measure the perplexity ``P_j(p)`` on the calibration windows. The engine probe
-``asvd_sensitivity`` measures it (``harness/probes/asvd_sensitivity.py``) with the method's own
+``asvd_sensitivity`` measures it (``harness/engine/probes/asvd_sensitivity.py``) with the method's own
 factorizer, so ``svd-llm+asvd-sensitivity`` ranks modules by their whitened truncations.
 
 Threshold search: list every triple ``(j, p, P_j(p))`` and sort by perplexity, highest first. A
