@@ -101,8 +101,6 @@ class TaskPlan:
 def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     """Return the offline data-pack directory: ``data_dir`` if given, else ``$SVDBENCH_DATA``.
 
-    (tasks/utils.py keeps its own copy: lm-eval loads that file by path, outside this package.)
-
     Args:
         data_dir: Explicit pack directory, or None to use the environment variable.
 

@@ -1,7 +1,8 @@
 """Document loaders and helpers for svdbench's local (offline) lm-eval tasks.
 
-lm-eval loads this file by path (``!function utils.<name>`` in the sibling YAMLs), so it must stay
-self-contained: standard library plus ``datasets`` only, no ``harness`` imports.
+lm-eval loads this file by path (``!function utils.<name>`` in the sibling YAMLs). The YAMLs are only
+reachable through the installed harness (its task directory is handed to lm-eval's ``TaskManager``),
+so the pack directory is resolved by the one resolver, :func:`harness.evaluations.zeroshot_tasks.resolve_data_dir`.
 
 The YAMLs use ``custom_dataset``: lm-eval calls the loader with the task's ``metadata`` merged with
 ``dataset_kwargs`` instead of ``datasets.load_dataset``. svdbench passes the data-pack directory as
@@ -17,38 +18,13 @@ from __future__ import annotations
 
 import bz2
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-DATA_DIR_KEY = "svdbench_data_dir"
-DATA_ENV = "SVDBENCH_DATA"
-
-
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Return the data-pack directory: the explicit argument, else ``$SVDBENCH_DATA``.
-
-    Args:
-        data_dir: Explicit pack directory, or None to use the environment variable.
-
-    Returns:
-        The existing pack directory, made absolute.
-
-    Raises:
-        FileNotFoundError: If no directory is configured or it does not exist.
-    """
-    raw = data_dir if data_dir is not None else os.environ.get(DATA_ENV)
-    if not raw:
-        raise FileNotFoundError(
-            f"Local zero-shot tasks need the offline data pack: pass data_dir or set ${DATA_ENV}."
-        )
-    path = Path(raw).expanduser().resolve()
-    if not path.is_dir():
-        raise FileNotFoundError(f"Data pack directory {path} does not exist.")
-    return path
+from harness.evaluations.zeroshot_tasks import DATA_DIR_KEY, resolve_data_dir
 
 
 def _pack(kwargs: dict[str, Any]) -> Path:
