@@ -5,11 +5,16 @@ directory has one: all-MiniLM-L6-v2 takes the mean over non-padded tokens, then 
 Default text set: WikiText-2 raw test paragraphs (non-heading rows longer than 80 characters), the
 first 512, truncated to 128 tokens. Reported: mean and 5th-percentile cosine similarity to the
 dense embeddings and the mean norm of the embedding error. Higher cosine is better.
+
+Options (``--eval-option embed-fidelity.n_texts=128``): ``n_texts`` and ``max_tokens`` shorten the
+protocol; both are in its id (``embed-fidelity@wikitext2-test-paragraphs-128x128``), so records of
+different text sets never compare.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +116,29 @@ def embed_fidelity(model: nn.Module, tokenizer: Any, cache: dict[str, Any], devi
 
 
 # -- registration ---------------------------------------------------------------------------------
+_DEFAULT = EmbedProtocol()
+OPTIONS = {"n_texts": _DEFAULT.n_texts, "max_tokens": _DEFAULT.max_tokens}
+
+
+def protocol_of(options: Mapping[str, Any]) -> EmbedProtocol:
+    """The protocol a run's resolved ``embed-fidelity`` options name.
+
+    Raises:
+        ValueError: for a count that is not a positive integer.
+    """
+    values = {}
+    for key in OPTIONS:
+        raw = options.get(key, OPTIONS[key])
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            value = 0
+        if value < 1 or (isinstance(raw, float) and raw != value):
+            raise ValueError(f"embed-fidelity.{key} must be a positive integer, got {raw!r}")
+        values[key] = value
+    return EmbedProtocol(**values)
+
+
 def _metrics() -> tuple[MetricSpec, ...]:
     return tuple(MetricSpec(f"embed-fidelity.{f}", label, hib, "score")
                  for f, label, hib in (("mean_cos", "Emb. cos", True), ("p05_cos", "Emb. cos p5", True),
@@ -119,11 +147,15 @@ def _metrics() -> tuple[MetricSpec, ...]:
 
 register_evaluation(Evaluation(
     "embed-fidelity",
-    lambda model, tokenizer, s: embed_fidelity(model, tokenizer, s.cache, s.device),
+    lambda model, tokenizer, s: embed_fidelity(model, tokenizer, s.cache, s.device,
+                                               protocol_of(s.options.get("embed-fidelity", {}))),
     metrics=_metrics(),
     aliases={"embed-fidelity": "embed-fidelity.mean_cos", "embed": "embed-fidelity.mean_cos",
              **{f: f"embed-fidelity.{f}" for f in ("mean_cos", "p05_cos", "mean_err_norm")}},
     needs_causal_lm=False,
     preflight=lambda: data.wikitext2_test_rows() and None,  # the texts are WikiText-2 test paragraphs
-    reference=lambda model, tokenizer, s: embed_reference(model, tokenizer, s.cache, s.device),
+    reference=lambda model, tokenizer, s: embed_reference(model, tokenizer, s.cache, s.device,
+                                                          protocol_of(s.options.get("embed-fidelity", {}))),
+    options=OPTIONS,
+    check_options=protocol_of,
 ))

@@ -142,6 +142,8 @@ class Evaluation:
             (``settings.forward``) when the model does not fit; otherwise it runs under CPU offload.
         options: Option name -> default value; a run sets them with ``--eval-option NAME.KEY=VALUE``
             or the sweep spec's ``eval.options``; they enter the run key and the record only when set.
+        check_options: Validates the resolved option values (raises ``ValueError``) in the preflight,
+            before any weights load; None when any value is accepted.
         pattern: Metric spec for keys of a known shape that are not listed in ``metrics`` (new
             zero-shot tasks), or None.
         pattern_position: Where such keys sort among ``metrics`` (a fractional index).
@@ -156,6 +158,7 @@ class Evaluation:
     reference: Reference | None = None
     streamable: bool = False
     options: Mapping[str, Any] = field(default_factory=dict)
+    check_options: Callable[[Mapping[str, Any]], Any] | None = None
     pattern: Callable[[str], MetricSpec | None] | None = None
     pattern_position: float = math.inf
 
@@ -220,7 +223,10 @@ def preflight(names: Sequence[str], encoder: bool = False, options: Mapping[str,
             raise ValueError(f"evaluation {name!r} needs a causal LM, but the model is an encoder; use --eval embed-fidelity")
         if evaluation.preflight is not None:
             evaluation.preflight()
-    resolve_options(names, options or {})
+    for name, values in resolve_options(names, options or {}).items():
+        check = EVALUATIONS.get(name).check_options
+        if check is not None:
+            check(values)
 
 
 def compute_references(names: Sequence[str], model: nn.Module, tokenizer: Any, settings: EvalSettings) -> None:

@@ -12,7 +12,7 @@ from harness.data import sample_paragraph_calibration
 from harness.engine.capture import capture_block_inputs
 from harness.engine.models import discover, load_model
 from harness.engine.statistics import CalibrationStatistics
-from harness.runs import RunConfig, run
+from harness.runs import RunConfig, freeze_eval_options, run
 from methods.statistics import InputGram
 from tests.utils import DATA
 
@@ -53,17 +53,18 @@ def test_padded_positions_contribute_nothing(tmp_path):
 
 
 def test_minilm_whitening_beats_plain_svd(tmp_path):
-    # One ratio: each cell embeds 512 paragraphs; the 0.2/0.4 gaps are in results/reference-minilm.
+    # One ratio and the protocol's first 128 paragraphs (an option recorded in the protocol id); the
+    # 512-paragraph figures at 0.2/0.4 are in results/reference-minilm.
     ratios = (0.4,)
     cfg = RunConfig(model="minilm-l6", methods=("svd", "svd-llm"), ratios=ratios, evals=("embed-fidelity",),
                     calib=f"file:{DATA / 'wikitext-2-v1' / 'valid.txt'}", calib_samples=128, calib_seqlen=128,
-                    results=str(tmp_path))
+                    results=str(tmp_path), eval_options=freeze_eval_options({"embed-fidelity": {"n_texts": 128}}))
     records = [json.loads(p.read_text()) for p in run(cfg)]
     cos = {(r["method"]["name"], r["ratio"]): r["metrics"]["embed-fidelity"]["mean_cos"] for r in records}
     assert cos[("dense", 0.0)] == pytest.approx(1.0, abs=1e-6)
     for rec in records:
         m = rec["metrics"]["embed-fidelity"]
-        assert m["protocol"] == "embed-fidelity@wikitext2-test-paragraphs-512x128" and m["n_texts"] == 512
+        assert m["protocol"] == "embed-fidelity@wikitext2-test-paragraphs-128x128" and m["n_texts"] == 128
         if rec["method"]["name"] != "dense":
             assert abs(rec["achieved_ratio"] - rec["ratio"]) < 0.01
     for r in ratios:

@@ -60,20 +60,22 @@ def no_network(monkeypatch):
 def test_zeroshot_and_ptb_records_on_reference_model(tiny_model_dirs, tmp_path, no_network):
     # PIQA is left out: some of its solutions are longer than the reference models' 256-token
     # context, which lm-eval cannot score (asserted in harness.evaluations with a clear message).
+    # The first 100 documents of each task (lm-eval's --limit, recorded); full packs are scored in
+    # tests/integration/test_zeroshot.py and in results/.
     tasks = ("openbookqa", "winogrande")
     pack_docs = {"openbookqa": 500, "winogrande": 1267}
     cfg = RunConfig(model=str(tiny_model_dirs["llama"]), methods=("svd-llm",), ratios=(0.4,),
                     evals=("wikitext2", "ptb", "zeroshot"), tasks=tasks, calib=CALIB, calib_samples=32,
-                    calib_seqlen=256, eval_max_windows=32, eval_batch_size=16, results=str(tmp_path))
+                    calib_seqlen=256, eval_max_windows=32, eval_batch_size=16, limit=100, results=str(tmp_path))
     records = _records(run(cfg))
     assert {r["method"]["name"] for r in records} == {"dense", "svd-llm"}
     for rec in records:
         assert rec["metrics"]["ptb"]["protocol"] == "ptb@test-256:first32" and rec["metrics"]["ptb"]["ppl"] > 1
         zs = rec["metrics"]["zeroshot"]
-        assert zs["protocol"].startswith("zeroshot@lm-eval-") and zs["lm_eval_version"] and zs["limit"] is None
+        assert zs["protocol"].startswith("zeroshot@lm-eval-") and zs["lm_eval_version"] and zs["limit"] == 100
         assert set(zs["tasks"]) == set(tasks) and 0 <= zs["average"] <= 1 and "results" in zs["raw"]
         for name, task in zs["tasks"].items():
-            assert task["n_docs"] == pack_docs[name] and task["source"] == "local-pack"
+            assert task["n_docs"] == 100 and task["n_docs_total"] == pack_docs[name] and task["source"] == "local-pack"
             assert 0 <= task["acc"] <= 1 and task["acc_stderr"] is not None
             assert task["metric"] in {"acc", "acc_norm"} and task["value"] == task[task["metric"]]
             if name == "openbookqa":

@@ -49,3 +49,14 @@ def test_causal_only_evaluations_are_refused_for_encoders() -> None:
         preflight(["wikitext2"], encoder=True)
     assert not EVALUATIONS.get("embed-fidelity").needs_causal_lm
     assert EVALUATIONS.get("wikitext2").streamable and not EVALUATIONS.get("zeroshot").streamable
+
+
+def test_embed_fidelity_text_set_is_an_option_named_in_the_protocol_id() -> None:
+    from harness.evaluations.embedding import protocol_of
+
+    assert protocol_of({}).protocol_id == "embed-fidelity@wikitext2-test-paragraphs-512x128"
+    resolved = resolve_options(["embed-fidelity"], {"embed-fidelity": {"n_texts": 128}})["embed-fidelity"]
+    assert protocol_of(resolved).protocol_id == "embed-fidelity@wikitext2-test-paragraphs-128x128"
+    for bad in (0, -3, "many", 2.5):
+        with pytest.raises(ValueError, match="embed-fidelity.n_texts must be a positive integer"):
+            preflight(["embed-fidelity"], encoder=True, options={"embed-fidelity": {"n_texts": bad}})
