@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.engine.packaged import PACKAGED, resolve_packaged
+from harness.engine.packaged import PACKAGED, packaged_identity, resolve_packaged
 from methods import ModuleInfo
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,9 @@ def fingerprint(model_id: str, full_hash_limit: int = 2 << 30) -> dict[str, obje
 
     Files up to ``full_hash_limit`` bytes in total are hashed whole; above that, each file's size
     plus its first and last 16 MiB (fast on 7B checkpoints, still changes with any retraining).
+    A packaged GGUF model (``smollm2-135m``) is identified by its source file and conversion recipe
+    instead, the same on every machine (:func:`harness.engine.packaged.packaged_identity`); the
+    converted files' hash is kept as ``weights_hash``.
     """
     path = Path(resolve_model_path(model_id))
     name = model_id if model_id in MODEL_ALIASES else (path.name if path.exists() else model_id.split("/")[-1])
@@ -218,6 +221,10 @@ def fingerprint(model_id: str, full_hash_limit: int = 2 << 30) -> dict[str, obje
     parts = path.resolve().parts
     info["revision"] = parts[-1] if "snapshots" in parts else None
     info["content_hash"] = ("sha256:" if total <= full_hash_limit else "sha256-sampled:") + digest.hexdigest()
+    source = packaged_identity(model_id) if model_id in MODEL_ALIASES else None
+    if source is not None:  # a converted GGUF model: its identity is the source file (packaged_identity)
+        info["weights_hash"] = info["content_hash"]
+        info["content_hash"] = source
     return info
 
 

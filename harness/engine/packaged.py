@@ -143,6 +143,29 @@ def _converted_dir(model: PackagedModel, gguf: Path) -> Path:
     return target
 
 
+# The recipe of :func:`convert_gguf`; part of a converted model's identity (bump it when the recipe
+# changes what the saved weights are).
+CONVERSION = "transformers-gguf-float32-v1"
+
+
+def packaged_identity(alias: str) -> str | None:
+    """The weights' identity of a packaged GGUF model: its source file's SHA-256 and the conversion recipe.
+
+    A run key must name the same weights on every machine. The bytes of the converted directory do
+    not: the dequantized floats can differ in the last bit between machines (the GGUF reader's numpy
+    kernels follow the CPU's vector units, and the saved JSON follows the installed libraries), the
+    same order of difference as a matmul on another CPU, which no run key distinguishes either. So
+    the key uses ``gguf-sha256:<source sha>/<recipe>``; :func:`harness.engine.models.fingerprint`
+    keeps the converted files' hash beside it as ``weights_hash`` for diagnosis. None for aliases
+    that ship a ``save_pretrained`` directory (their files are the same bytes everywhere).
+    """
+    model = PACKAGED[alias]
+    if not model.is_gguf:
+        return None
+    manifest = json.loads((resolve_packaged(alias) / MANIFEST).read_text(encoding="utf-8"))
+    return f"gguf-sha256:{manifest['source_sha256']}/{CONVERSION}"
+
+
 @cache
 def resolve_packaged(alias: str) -> Path:
     """The ``save_pretrained`` directory of a packaged model alias (verified once per process).

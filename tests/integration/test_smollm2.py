@@ -103,3 +103,17 @@ def test_demo_cells_are_the_reference_leaderboards_seed_0_cells(tmp_path, monkey
     spec = load_spec(root / "benchmarks" / "reference_leaderboard.yaml", ["methods=[svd,svd-llm]", "seeds=[0]"])
     reference = {(c.method, c.ratio): c.key for c in plan_cells(spec, build_references=False)}
     assert demo_keys == reference and len(demo_keys) == 5  # dense + 2 methods x 2 ratios
+    # ... and the shipped records are found on this machine: the key names the GGUF source, not the
+    # converted bytes (which differ in the last bit between machines).
+    shipped = {key for key in demo_keys.values() if (root / "results" / "reference" / f"{key}.json").is_file()}
+    assert shipped == set(demo_keys.values())
+
+
+def test_identity_is_the_gguf_source_and_the_converted_bytes_are_kept_beside_it():
+    from harness.engine.models import fingerprint
+    from harness.engine.packaged import CONVERSION
+
+    info = fingerprint("smollm2-135m")
+    manifest = json.loads((resolve_packaged("smollm2-135m") / MANIFEST).read_text())
+    assert info["content_hash"] == f"gguf-sha256:{manifest['source_sha256']}/{CONVERSION}"
+    assert str(info["weights_hash"]).startswith("sha256:") and info["weights_hash"] != info["content_hash"]
