@@ -39,15 +39,12 @@ def tiny_model_dirs() -> dict[str, Path]:
     Trained from the data pack on first use (a few minutes each on two CPU cores) and cached under
     ``$SVDBENCH_CACHE/reference_models``.
     """
-    from harness.testbeds.trained import ensure_testbed_model
+    from harness.testbeds.trained import ensure_testbed_models
 
-    # Under xdist one worker trains (the others wait on the cache lock): give it every core meanwhile.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or threads)
-    try:
-        return {family: ensure_testbed_model(f"tiny-{family}") for family in ("llama", "opt")}
-    finally:
-        torch.set_num_threads(threads)
+    # Both train at once, one single-threaded process each (under xdist the other workers wait on
+    # the cache locks or run tests that need no trained model meanwhile).
+    dirs = ensure_testbed_models(["tiny-llama", "tiny-opt"])
+    return {"llama": dirs["tiny-llama"], "opt": dirs["tiny-opt"]}
 
 
 @pytest.fixture(scope="module")
