@@ -10,6 +10,11 @@ tables, figures, the HTML site) summarises them the same way:
 * **tie**: an entry whose interval ``mean ± s`` overlaps the best entry's, i.e.
   ``|m - m_best| <= s + s_best`` on the printed (rounded) numbers, with ``s = 0`` for a single
   seed. A reader can check it from the table alone. The best entry is marked too when it has a tie.
+  One exception: a perplexity interval ``mean ± s`` that reaches below 1, the least perplexity
+  there is, says the seeds are too skewed for ``mean ± s`` (a collapsed method's seeds can differ
+  fiftyfold, and such an interval "overlaps" every other entry). When either interval does, the
+  same overlap test runs on the log scale that perplexity exponentiates (the per-token NLL):
+  ``|mean ln m − mean ln m_best| <= s_ln + s_ln_best`` over the per-seed values.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ SINGLE_SEED_NOTE = "n = 1: a single seed, no spread"
 TIE_MARK = "‡"
 TIE_DEFINITION = (
     f"{TIE_MARK} tie: within the seed spread of the best, i.e. the intervals mean ± s overlap "
-    "(|m − m_best| ≤ s + s_best on the printed numbers; s = 0 for a single seed)"
+    "(|m − m_best| ≤ s + s_best on the printed numbers; s = 0 for a single seed; a perplexity interval "
+    "reaching below 1 is too skewed for mean ± s: that test then runs on the per-seed ln ppl)"
 )
 _EPS = 1e-9  # printed numbers are decimal; keep 0.1 + 0.2 style float noise from breaking a tie
 
@@ -55,11 +61,15 @@ class Estimate:
         mean: Mean over seeds (NaN when no seed has a value; ±inf when a seed diverged).
         spread: Sample standard deviation over seeds, or None with fewer than two finite values.
         n: Number of seeds with a value.
+        log_mean: Mean over seeds of ``ln value`` when every value is finite and positive, else None.
+        log_spread: Sample standard deviation of ``ln value`` (None with fewer than two seeds).
     """
 
     mean: float
     spread: float | None
     n: int
+    log_mean: float | None = None
+    log_spread: float | None = None
 
     @property
     def has_value(self) -> bool:
@@ -79,11 +89,17 @@ def estimate(values: Iterable[float | None]) -> Estimate:
         return Estimate(math.nan, None, 0)
     if not all(math.isfinite(v) for v in vals):
         return Estimate(math.fsum(vals) / n, None, n)
-    mean = math.fsum(vals) / n
-    if n < 2:
-        return Estimate(mean, None, n)
-    var = math.fsum((v - mean) ** 2 for v in vals) / (n - 1)
-    return Estimate(mean, math.sqrt(var), n)
+    mean, sd = _mean_sd(vals)
+    logs = _mean_sd([math.log(v) for v in vals]) if all(v > 0 for v in vals) else (None, None)
+    return Estimate(mean, sd, n, *logs)
+
+
+def _mean_sd(vals: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for one value) of a non-empty list."""
+    mean = math.fsum(vals) / len(vals)
+    if len(vals) < 2:
+        return mean, None
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
 
 
 def _decimals(spec: MetricSpec) -> int:
@@ -135,8 +151,7 @@ def best_and_ties(spec: MetricSpec, estimates: Mapping[Hashable, Estimate]) -> d
         if k in best:
             continue
         for b in best:
-            mb, sb = shown[b]
-            if abs(m - mb) <= s + sb + _EPS * max(1.0, abs(mb)):
+            if _within_spread(spec, estimates[k], estimates[b], (m, s), shown[b]):
                 marks[k] = "tie"
                 tied = True
                 break
@@ -144,6 +159,16 @@ def best_and_ties(spec: MetricSpec, estimates: Mapping[Hashable, Estimate]) -> d
         for k in best:
             marks[k] = "best tie"  # the seeds do not single out a winner: mark the best as tied too
     return marks
+
+
+def _within_spread(spec: MetricSpec, entry: Estimate, best: Estimate, entry_shown: tuple[float, float],
+                   best_shown: tuple[float, float]) -> bool:
+    """The tie test of one entry against one best entry (module docstring)."""
+    (m, s), (mb, sb) = entry_shown, best_shown
+    skewed = spec.kind == "ppl" and min(m - s, mb - sb) < 1.0
+    if skewed and entry.log_mean is not None and best.log_mean is not None:
+        return abs(entry.log_mean - best.log_mean) <= (entry.log_spread or 0.0) + (best.log_spread or 0.0) + _EPS
+    return abs(m - mb) <= s + sb + _EPS * max(1.0, abs(mb))
 
 
 def is_tie(mark: str) -> bool:

@@ -75,6 +75,19 @@ def test_tie_rule_on_printed_numbers() -> None:
     assert best_and_ties(WT2, {"a": estimate([10.0]), "b": estimate([])}) == {"a": "", "b": ""}
 
 
+def test_a_perplexity_spread_reaching_below_one_is_judged_on_the_log_scale() -> None:
+    # SmolLM2's FWSVD at 0.4: three collapsed seeds, mean ± s = 28,029,323 ± 45,337,024 reaches below
+    # 1 and so "overlaps" AdaSVD's 131; on ln ppl (15.66 ± 2.18 against 4.88 ± 0.04) it is far off.
+    collapsed, good = estimate([2358769.06, 1352415.77, 80376784.67]), estimate([125.0, 131.0, 137.5])
+    assert displayed(WT2, collapsed)[0] - displayed(WT2, collapsed)[1] < 1
+    assert best_and_ties(WT2, {"fwsvd": collapsed, "adasvd": good}) == {"fwsvd": "", "adasvd": "best"}
+    # Two skewed entries whose ln ppl intervals overlap still tie.
+    assert best_and_ties(WT2, {"a": estimate([2.0e6, 1.0e6, 8.0e7]), "b": estimate([1.5e6, 3.0e6, 2.0e7])}) \
+        == {"a": "tie", "b": "best tie"}
+    # Accuracies keep the printed-number rule whatever their spread.
+    assert best_and_ties(PIQA, {"a": estimate([0.1, 0.9]), "b": estimate([0.95])})["a"] == "tie"
+
+
 def test_leaderboard_mean_spread_and_n() -> None:
     text = _wt2({("svd-llm", 0.4): [10.0, 10.4, 10.8], ("svd", 0.4): [30.0]})
     assert md_header(text)[:4] == ["Ratio", "Method", "n", "WikiText-2↓"]
