@@ -147,13 +147,30 @@ class Calibration:
 
     def record(self) -> dict[str, object]:
         return {
-            "source": self.source,
+            "source": portable_source(self.source),
             "samples": self.samples,
             "seqlen": self.seqlen,
             "seed": self.seed,
             "sampler": self.sampler,
             "token_hash": self.token_hash,
         }
+
+
+def portable_source(source: str) -> str:
+    """``source`` with the data pack's directory written ``${SVDBENCH_DATA}``, as sweep specs spell it.
+
+    Records and run keys name the calibration by this string (and the tokens by their hash), so a
+    cell computed with the pack at ``/work/shared/data`` is found again with it anywhere else; a
+    ``file:`` path outside the pack, and ``wikitext2``, are kept as given.
+    """
+    pack = os.environ.get(DATA_ENV)
+    if not source.startswith("file:") or not pack:
+        return source
+    try:
+        inside = Path(source[len("file:"):]).expanduser().resolve().relative_to(Path(pack).expanduser().resolve())
+    except ValueError:
+        return source
+    return f"file:${{{DATA_ENV}}}/{inside.as_posix()}"
 
 
 def sample_calibration(tokenizer: object, source: str, samples: int, seqlen: int, seed: int) -> Calibration:
