@@ -152,9 +152,10 @@ def packaged_identity(alias: str) -> str | None:
     """The weights' identity of a packaged GGUF model: its source file's SHA-256 and the conversion recipe.
 
     A run key must name the same weights on every machine. The bytes of the converted directory do
-    not: the dequantized floats can differ in the last bit between machines (the GGUF reader's numpy
-    kernels follow the CPU's vector units, and the saved JSON follows the installed libraries), the
-    same order of difference as a matmul on another CPU, which no run key distinguishes either. So
+    not: two machines with the same torch, transformers and gguf versions wrote directories with
+    different hashes (the GGUF reader's numpy kernels and the saved JSON are outside svdbench's
+    control), and their dense perplexities agreed to 1e-5, the order of difference a matmul on
+    another CPU makes, which no run key distinguishes either. So
     the key uses ``gguf-sha256:<source sha>/<recipe>``; :func:`harness.engine.models.fingerprint`
     keeps the converted files' hash beside it as ``weights_hash`` for diagnosis. None for aliases
     that ship a ``save_pretrained`` directory (their files are the same bytes everywhere).
