@@ -147,11 +147,11 @@ def best_and_ties(spec: MetricSpec, estimates: Mapping[Hashable, Estimate]) -> d
     for k in best:
         marks[k] = "best"
     tied = False
-    for k, (m, s) in shown.items():
+    for k in shown:
         if k in best:
             continue
         for b in best:
-            if _within_spread(spec, estimates[k], estimates[b], (m, s), shown[b]):
+            if _within_spread(spec, estimates[k], estimates[b]):
                 marks[k] = "tie"
                 tied = True
                 break
@@ -161,10 +161,9 @@ def best_and_ties(spec: MetricSpec, estimates: Mapping[Hashable, Estimate]) -> d
     return marks
 
 
-def _within_spread(spec: MetricSpec, entry: Estimate, best: Estimate, entry_shown: tuple[float, float],
-                   best_shown: tuple[float, float]) -> bool:
+def _within_spread(spec: MetricSpec, entry: Estimate, best: Estimate) -> bool:
     """The tie test of one entry against one best entry (module docstring)."""
-    (m, s), (mb, sb) = entry_shown, best_shown
+    (m, s), (mb, sb) = displayed(spec, entry), displayed(spec, best)
     skewed = spec.kind == "ppl" and min(m - s, mb - sb) < 1.0
     if skewed and entry.log_mean is not None and best.log_mean is not None:
         return abs(entry.log_mean - best.log_mean) <= (entry.log_spread or 0.0) + (best.log_spread or 0.0) + _EPS

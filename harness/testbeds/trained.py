@@ -207,16 +207,25 @@ def _lr_factor(step: int, spec: TestbedSpec) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @contextlib.contextmanager
-def _deterministic_torch(device: str) -> Iterator[int]:
-    """Fix threads and deterministic kernels for the duration; yield the CPU thread count used."""
-    threads = torch.get_num_threads()
+def _deterministic_torch(device: str, threads: int | None = None) -> Iterator[int]:
+    """Fix threads and deterministic kernels for the duration; yield the CPU thread count used.
+
+    ``threads``: the CPU thread count; None takes ``$SVDBENCH_THREADS``, else every core this
+    process may use.
+    """
+    before = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    use_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    use_threads = _usable_cores()
     # On a shared, loaded machine two OpenMP threads per process oversubscribe the cores and run
     # many times slower than one; SVDBENCH_THREADS lets the caller choose.
-    use_threads = int(os.environ.get("SVDBENCH_THREADS", use_threads))
+    use_threads = threads or int(os.environ.get("SVDBENCH_THREADS", use_threads))
     if device.startswith("cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.set_num_threads(use_threads)
@@ -224,7 +233,7 @@ def _deterministic_torch(device: str) -> Iterator[int]:
     try:
         yield use_threads
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
@@ -234,6 +243,7 @@ def train_testbed_model(
     data_dir: str | Path | None = None,
     seed: int = 0,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> dict:
     """Train tokenizer and model for ``spec`` and save both, with the card, into ``out_dir``.
 
@@ -243,6 +253,7 @@ def train_testbed_model(
         data_dir: Data pack directory (default ``$SVDBENCH_DATA``).
         seed: Seed of init, data order and BOS choice.
         device: Torch device for training, e.g. ``"cpu"`` or ``"cuda"``.
+        threads: CPU threads (None: ``$SVDBENCH_THREADS``, else every core available).
 
     Returns:
         The reference card that was written to ``out_dir / reference_card.json``.
@@ -255,7 +266,7 @@ def train_testbed_model(
     val = validation_windows(tokenizer, val_text, spec.max_positions)
     logger.info("%s: %d training tokens, %d validation windows", spec.name, train_ids.numel(), val.shape[0])
 
-    with _deterministic_torch(device) as threads:
+    with _deterministic_torch(device, threads) as threads:
         random.seed(seed)
         torch.manual_seed(seed)
         model = build_model(spec).to(device)
@@ -377,6 +388,7 @@ def ensure_testbed_model(
     device: str = "cpu",
     *,
     seed: int = 0,
+    threads: int | None = None,
 ) -> Path:
     """Return the directory of reference model ``name``, training it first if it is not cached.
 
@@ -389,6 +401,7 @@ def ensure_testbed_model(
         cache_dir: Cache root (default :func:`default_cache_dir`).
         device: Torch device used if training is needed.
         seed: Training seed (part of the cache key).
+        threads: CPU threads if training is needed (None: ``$SVDBENCH_THREADS``, else every core).
 
     Returns:
         A directory loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
@@ -403,7 +416,7 @@ def ensure_testbed_model(
     # and then find the cached model, instead of all training the same one.
     with open(final.parent / f".{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _ensure_locked(name, final, data_dir, device, seed)
+        return _ensure_locked(name, final, data_dir, device, seed, threads)
 
 
 def ensure_testbed_models(
@@ -429,31 +442,25 @@ def ensure_testbed_models(
         ``{name: directory}`` in the order of ``names``.
     """
     missing = [n for n in names if not is_trained(testbed_model_path(n, data_dir, cache_dir, seed=seed))]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    side = missing[1:min(len(missing), cores)]
-    one_thread = {**os.environ, "SVDBENCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    side = missing[1:min(len(missing), _usable_cores())]
     extra = [*(["--data-dir", str(data_dir)] if data_dir else []), *(["--cache-dir", str(cache_dir)] if cache_dir else [])]
-    procs = [subprocess.Popen([sys.executable, "-m", "harness.testbeds.trained", "--name", n, "--seed", str(seed), *extra],
-                              env=one_thread, stdout=subprocess.DEVNULL) for n in side]
-    before = os.environ.get("SVDBENCH_THREADS")
-    os.environ["SVDBENCH_THREADS"] = "1"
+    procs = [subprocess.Popen([sys.executable, "-m", "harness.testbeds.trained", "--name", n, "--seed", str(seed),
+                               "--threads", "1", *extra],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL) for n in side]
     try:
         for name in [n for n in missing if n not in side]:
-            ensure_testbed_model(name, data_dir, cache_dir, seed=seed)
+            ensure_testbed_model(name, data_dir, cache_dir, seed=seed, threads=1)
         for name, proc in zip(side, procs, strict=True):
             if proc.wait():
                 logger.warning("the side trainer of %s exited with %d; training it here", name, proc.returncode)
-        return {n: ensure_testbed_model(n, data_dir, cache_dir, seed=seed) for n in names}
+        return {n: ensure_testbed_model(n, data_dir, cache_dir, seed=seed, threads=1) for n in names}
     finally:
-        if before is None:
-            os.environ.pop("SVDBENCH_THREADS", None)
-        else:
-            os.environ["SVDBENCH_THREADS"] = before
-        for proc in procs:
+        for proc in procs:  # on an error here, do not leave the side trainers behind unwaited
             proc.wait()
 
 
-def _ensure_locked(name: str, final: Path, data_dir: str | Path | None, device: str, seed: int) -> Path:
+def _ensure_locked(name: str, final: Path, data_dir: str | Path | None, device: str, seed: int,
+                   threads: int | None) -> Path:
     if is_trained(final):
         bad = _damaged_files(final)
         if not bad:
@@ -466,7 +473,7 @@ def _ensure_locked(name: str, final: Path, data_dir: str | Path | None, device: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_root))
     try:
         logger.info("Training reference model %s on %s (cache miss: %s)", name, device, final)
-        train_testbed_model(spec, tmp, data_dir, seed=seed, device=device)
+        train_testbed_model(spec, tmp, data_dir, seed=seed, device=device, threads=threads)
         try:
             tmp.rename(final)
         except OSError:
@@ -487,9 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cache-dir", default=None, help="cache root (default: $SVDBENCH_CACHE/reference_models)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: $SVDBENCH_THREADS, else every core)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    path = ensure_testbed_model(args.name, args.data_dir, args.cache_dir, args.device, seed=args.seed)
+    path = ensure_testbed_model(args.name, args.data_dir, args.cache_dir, args.device, seed=args.seed, threads=args.threads)
     print(path)
     return 0
 

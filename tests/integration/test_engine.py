@@ -144,7 +144,7 @@ def test_damaged_reference_model_is_moved_aside_and_retrained(tmp_path, monkeypa
 
     calls = []
 
-    def fake_train(spec, out_dir, data_dir=None, *, seed=0, device="cpu"):
+    def fake_train(spec, out_dir, data_dir=None, *, seed=0, device="cpu", threads=None):
         calls.append(spec.name)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "model.safetensors").write_bytes(b"weights" * 10)
