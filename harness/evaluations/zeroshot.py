@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,16 +96,79 @@ def lm_eval_version() -> str:
         return str(getattr(lm_eval, "__version__", "unknown"))
 
 
-def protocol_id(version: str | None = None) -> str:
+@dataclass(frozen=True)
+class DocSubset:
+    """A named, deterministic subset of each task's documents (a protocol, never a smoke run).
+
+    Exactly one of:
+
+    * ``every=k``: documents ``0, k, 2k, ...`` of each task (id suffix ``:every{k}``);
+    * ``docs=n``: ``n`` documents per task, evenly spread over the task's document order,
+      ``floor(i * total / n)`` for ``i = 0 .. n-1`` (id suffix ``:docs{n}``); every task then
+      weighs equally in the standard error of the average. A task with at most ``n`` documents
+      is scored whole.
+
+    Both depend only on each task's document order (its source file's), so every method and every
+    process scores the same documents, and both spread over the whole file, unlike lm-eval's
+    ``--limit`` (the first N documents, which some source files sort by topic or length).
+    """
+
+    every: int | None = None
+    docs: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("every", "docs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"zeroshot.{name} must be a positive integer, got {value!r}")
+        if self.every is not None and self.docs is not None:
+            raise ValueError("zeroshot.every and zeroshot.docs are two subset rules; set one of them")
+
+    @property
+    def active(self) -> bool:
+        return self.every is not None or self.docs is not None
+
+    def suffix(self) -> str:
+        """The protocol id suffix (``":every4"``, ``":docs200"``; empty for whole tasks)."""
+        if self.every is not None:
+            return f":every{self.every}"
+        return f":docs{self.docs}" if self.docs is not None else ""
+
+    def record(self) -> dict[str, int] | None:
+        """What the record stores under ``subset``."""
+        if self.every is not None:
+            return {"every": self.every}
+        return {"docs": self.docs} if self.docs is not None else None
+
+    def doc_ids(self, n_docs: int) -> list[int]:
+        """The document indices of a task with ``n_docs`` documents, ascending."""
+        if self.every is not None:
+            return list(range(0, n_docs, self.every))
+        if self.docs is not None and self.docs < n_docs:
+            return [i * n_docs // self.docs for i in range(self.docs)]
+        return list(range(n_docs))
+
+
+def subset_of(options: Mapping[str, Any]) -> DocSubset:
+    """The :class:`DocSubset` that a run's ``zeroshot`` options name (validated)."""
+    return DocSubset(options.get("every"), options.get("docs"))
+
+
+def protocol_id(version: str | None = None, subset: DocSubset | None = None) -> str:
     """Protocol id stored in every record, e.g. ``"zeroshot@lm-eval-0.4.13"``.
+
+    A document subset is part of the protocol, exactly as a perplexity window subset is
+    (``wikitext2@1024:every48``): ``"zeroshot@lm-eval-0.4.13:docs200"``, and reports never put it in
+    one column with the full tasks.
 
     Args:
         version: lm-eval version; the installed one if None.
+        subset: The document subset; None or inactive for whole tasks.
 
     Returns:
         The protocol id.
     """
-    return f"zeroshot@lm-eval-{version or lm_eval_version()}"
+    return f"zeroshot@lm-eval-{version or lm_eval_version()}" + (subset.suffix() if subset is not None else "")
 
 
 def _structure(model: torch.nn.Module) -> tuple[dict[str, str], dict[str, int]]:
@@ -189,6 +253,7 @@ def evaluate_zeroshot(
     seed: int = 0,
     max_length: int | None = None,
     source: str = "auto",
+    subset: DocSubset | None = None,
 ) -> dict[str, Any]:
     """Zero-shot multiple-choice accuracy of an in-memory model with lm-eval.
 
@@ -205,13 +270,18 @@ def evaluate_zeroshot(
         seed: Seed for lm-eval's python, numpy, torch and few-shot RNGs.
         max_length: Context length cap for HFLM (left truncation); None = from the model config.
         source: ``"auto"``, ``"hub"`` or ``"local-pack"``; see :func:`choose_mode`.
+        subset: Score a named, deterministic subset of each task's documents (:class:`DocSubset`,
+            recorded in the protocol id), unlike ``limit``; None for whole tasks.
 
     Returns:
         A JSON-serialisable dict: ``protocol``, ``lm_eval_version``, ``num_fewshot``, ``limit``,
         ``batch_size``, ``seed``, ``max_length``, ``task_set``, ``source``, ``data_dir``,
-        ``metric_rule``, ``tasks`` (canonical name -> acc, acc_stderr, acc_norm, acc_norm_stderr,
-        n_docs, n_docs_total, metric, value, source, lm_eval_task, version), ``average``,
-        ``wall_time_s`` and ``raw`` (lm-eval's result dict without samples).
+        ``metric_rule``, ``subset`` (:meth:`DocSubset.record`), ``tasks`` (canonical name -> acc,
+        acc_stderr, acc_norm, acc_norm_stderr, n_docs, n_docs_total, metric, value, source,
+        lm_eval_task, version, and ``per_doc``: ``{"doc_ids": [...], "acc": "0110...",
+        "acc_norm": "..."}``, one character per scored document, for paired comparisons between
+        methods scored on the same documents), ``average``, ``wall_time_s`` and ``raw`` (lm-eval's
+        result dict without samples).
 
     Raises:
         ZeroShotDependencyError: If lm-eval (or datasets/accelerate) is missing.
@@ -220,6 +290,9 @@ def evaluate_zeroshot(
     """
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    subset = subset if subset is not None and subset.active else None
+    if limit is not None and subset is not None:
+        raise ValueError("limit (a smoke run) and a document subset (a named protocol) exclude each other")
     lm_eval = _import_lm_eval()
     version = lm_eval_version()
     if limit is not None:
@@ -237,6 +310,9 @@ def evaluate_zeroshot(
 
     was_training = model.training
     start = time.perf_counter()
+    manager = _task_manager(plan, pack)
+    totals = _doc_counts(lm_eval, plan, manager) if subset is not None else {}
+    samples = {name: subset.doc_ids(n) for name, n in totals.items()} if subset is not None else None
     try:
         lm = wrap_model(model, tokenizer, batch_size=batch_size, max_length=max_length)
         raw = lm_eval.simple_evaluate(
@@ -245,8 +321,9 @@ def evaluate_zeroshot(
             num_fewshot=0,
             batch_size=batch_size,
             limit=limit,
-            task_manager=_task_manager(plan, pack),
-            log_samples=False,
+            samples=samples,
+            task_manager=manager,
+            log_samples=True,  # per-document correctness, for paired comparisons
             random_seed=seed,
             numpy_random_seed=seed,
             torch_random_seed=seed,
@@ -260,13 +337,17 @@ def evaluate_zeroshot(
         raise RuntimeError("lm-eval returned no results (not rank 0?)")
 
     per_task = {t.canonical: _task_summary(raw, t.lm_eval_name, t.source) for t in plan.tasks}
+    for t in plan.tasks:
+        if t.lm_eval_name in totals:  # lm-eval counts the subset as "original"; keep the task's size
+            per_task[t.canonical]["n_docs_total"] = totals[t.lm_eval_name]
     values = [v["value"] for v in per_task.values()]
     sources = {t.source for t in plan.tasks}
     record = {
-        "protocol": protocol_id(version),
+        "protocol": protocol_id(version, subset),
         "lm_eval_version": version,
         "num_fewshot": 0,
         "limit": limit,
+        "subset": subset.record() if subset is not None else None,
         "batch_size": batch_size,
         "seed": seed,
         "max_length": resolved_max_length,
@@ -281,6 +362,36 @@ def evaluate_zeroshot(
     }
     logger.info("zero-shot average %s over %d tasks in %.1f s", record["average"], len(values), wall)
     return record
+
+
+def _doc_counts(lm_eval: Any, plan: TaskPlan, manager: Any) -> dict[str, int]:
+    """Number of evaluation documents of each task (lm-eval task name -> count)."""
+    names = [t.lm_eval_name for t in plan.tasks]
+    if hasattr(manager, "load"):  # lm-eval >= 0.4.10: flat task dicts
+        loaded = manager.load(names)["tasks"]
+    else:
+        from lm_eval.tasks import get_task_dict
+
+        loaded = get_task_dict(names, manager)
+    counts = {}
+    for t in plan.tasks:
+        task = loaded.get(t.lm_eval_name)
+        if task is None or not hasattr(task, "eval_docs"):
+            raise ValueError(f"zero-shot subsets need plain tasks; {t.lm_eval_name!r} is a group or did not load")
+        counts[t.lm_eval_name] = len(task.eval_docs)
+    return counts
+
+
+def _per_doc(raw: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    """Per-document correctness of one task from lm-eval's logged samples, in document order."""
+    rows = sorted(raw.get("samples", {}).get(name) or [], key=lambda r: int(r["doc_id"]))
+    if not rows:
+        return None
+    out: dict[str, Any] = {"doc_ids": [int(r["doc_id"]) for r in rows]}
+    for metric in ("acc", "acc_norm"):
+        if all(metric in r for r in rows):
+            out[metric] = "".join("1" if float(r[metric]) > 0.5 else "0" for r in rows)
+    return out
 
 
 def _number(value: Any) -> float | None:
@@ -307,6 +418,7 @@ def _task_summary(raw: Mapping[str, Any], name: str, source: str) -> dict[str, A
         "source": source,
         "lm_eval_task": name,
         "version": to_jsonable(raw.get("versions", {}).get(name)),
+        "per_doc": _per_doc(raw, name),
     }
 
 
@@ -366,7 +478,8 @@ def _task_metric(key: str) -> MetricSpec | None:
 
 def _run(model: Any, tokenizer: Any, s: EvalSettings) -> dict[str, Any]:
     try:
-        return evaluate_zeroshot(model, tokenizer, s.tasks, limit=s.limit, batch_size=s.batch_size, seed=s.seed)
+        return evaluate_zeroshot(model, tokenizer, s.tasks, limit=s.limit, batch_size=s.batch_size, seed=s.seed,
+                                 subset=subset_of(s.options.get("zeroshot", {})))
     except AssertionError as exc:
         # lm-eval asserts when a choice's continuation alone is longer than the model's context
         # (e.g. long PIQA solutions on a 256-position model); it cannot score such documents.
@@ -391,6 +504,9 @@ register_evaluation(Evaluation(
              MetricSpec("zeroshot.average", "Average", True, "acc")),
     aliases=_aliases(),
     preflight=lambda: lm_eval_version() and None,  # raises ZeroShotDependencyError naming the missing package
+    # A named subset of each task's documents (DocSubset): every=k or docs=n, in the protocol id.
+    options={"every": None, "docs": None},
+    check_options=subset_of,
     pattern=_task_metric,
     pattern_position=len(TASK_LABELS) - 0.5,  # unlisted tasks after the listed ones, before the average
 ))

@@ -19,7 +19,7 @@ pytest.importorskip("lm_eval")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from harness.evaluations.zeroshot import evaluate_zeroshot, wrap_model  # noqa: E402
+from harness.evaluations.zeroshot import DocSubset, evaluate_zeroshot, wrap_model  # noqa: E402
 from harness.evaluations.zeroshot_tasks import TASK_SETS  # noqa: E402
 
 DATA_ENV = os.environ.get("SVDBENCH_DATA")
@@ -38,6 +38,7 @@ TASK_FIELDS = {
     "source",
     "lm_eval_task",
     "version",
+    "per_doc",
 }
 
 
@@ -156,7 +157,7 @@ def _check_record(rec: dict[str, Any], limit: int | None) -> None:
     json.dumps(rec, allow_nan=False)  # everything serialisable, strictly
     for key in ("protocol", "lm_eval_version", "num_fewshot", "limit", "batch_size", "seed", "task_set"):
         assert key in rec
-    assert rec["protocol"] == f"zeroshot@lm-eval-{rec['lm_eval_version']}"
+    assert rec["protocol"].startswith(f"zeroshot@lm-eval-{rec['lm_eval_version']}")
     assert rec["num_fewshot"] == 0 and rec["limit"] == limit
     for name, t in rec["tasks"].items():
         assert set(t) == TASK_FIELDS, name
@@ -167,6 +168,12 @@ def _check_record(rec: dict[str, Any], limit: int | None) -> None:
             assert t[k] is None or 0.0 <= t[k] <= 1.0
         assert t["acc_stderr"] is not None
         assert rec["raw"]["results"][t["lm_eval_task"]]["acc,none"] == t["acc"]
+        # Per-document correctness reproduces the task's accuracy exactly.
+        per_doc = t["per_doc"]
+        assert len(per_doc["doc_ids"]) == len(per_doc["acc"]) == t["n_docs"]
+        assert per_doc["acc"].count("1") / t["n_docs"] == pytest.approx(t["acc"])
+        if t["acc_norm"] is not None:
+            assert per_doc["acc_norm"].count("1") / t["n_docs"] == pytest.approx(t["acc_norm"])
     assert set(rec["raw"]) >= {"results", "configs", "versions", "n-shot", "higher_is_better", "n-samples"}
     assert "samples" not in rec["raw"]
 
@@ -196,3 +203,29 @@ def test_openbookqa_full_pack(model: Any, tokenizer: Any) -> None:
     n_pack = sum(1 for line in pack_file.read_text(encoding="utf-8").splitlines() if line.strip())
     assert obqa["n_docs"] == obqa["n_docs_total"] == n_pack == 500
     assert obqa["lm_eval_task"] == "openbookqa_local" and rec["task_set"] == "custom"
+
+
+@needs_pack
+@pytest.mark.integration
+def test_document_subset_is_a_named_protocol(model: Any, tokenizer: Any) -> None:
+    """docs=n scores n documents per task spread over the file, named in the protocol id; every=k
+    scores documents 0, k, 2k, ...; a subset and --limit exclude each other."""
+    rec = evaluate_zeroshot(model, tokenizer, ["openbookqa", "winogrande"], batch_size=16, subset=DocSubset(docs=7))
+    _check_record(rec, None)
+    assert rec["protocol"] == f"zeroshot@lm-eval-{rec['lm_eval_version']}:docs7"
+    assert rec["subset"] == {"docs": 7}
+    obqa, wino = rec["tasks"]["openbookqa"], rec["tasks"]["winogrande"]
+    assert obqa["n_docs"] == 7 and obqa["n_docs_total"] == 500
+    assert obqa["per_doc"]["doc_ids"] == [i * 500 // 7 for i in range(7)]
+    assert wino["n_docs_total"] == 1267 and wino["per_doc"]["doc_ids"][-1] == 6 * 1267 // 7
+    # The subset's documents score as they do inside the full run (same prompts, same model).
+    every = evaluate_zeroshot(model, tokenizer, ["openbookqa"], batch_size=16, subset=DocSubset(every=100))
+    assert every["protocol"].endswith(":every100")
+    assert every["tasks"]["openbookqa"]["per_doc"]["doc_ids"] == [0, 100, 200, 300, 400]
+    full = evaluate_zeroshot(model, tokenizer, ["openbookqa"], batch_size=16, limit=401)
+    bits = full["tasks"]["openbookqa"]["per_doc"]["acc_norm"]
+    assert every["tasks"]["openbookqa"]["per_doc"]["acc_norm"] == "".join(bits[i] for i in (0, 100, 200, 300, 400))
+    with pytest.raises(ValueError, match="exclude each other"):
+        evaluate_zeroshot(model, tokenizer, ["openbookqa"], limit=5, subset=DocSubset(every=2))
+    with pytest.raises(ValueError, match="one of them"):
+        DocSubset(every=2, docs=3)
