@@ -68,6 +68,11 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="results", help="directory for the JSON records")
     p.add_argument("--eval-offload", default="auto", choices=("auto", "never", "always"),
                    help="auto: evaluate with blocks streamed through the device when the model does not fit on it")
+    p.add_argument("--compressed-store", default=None, metavar="DIR",
+                   help="keep each compressed cell in DIR and evaluate cells found there without recompressing "
+                        "(e.g. $SVDBENCH_CACHE/compressed; list and prune with 'svdbench compressions')")
+    p.add_argument("--compressed-store-max-gb", type=float, default=None, metavar="GB",
+                   help="bound of --compressed-store: least recently used entries are removed beyond it")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -91,6 +96,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         tasks=args.tasks, seed=args.seed, device=args.device, dtype=args.dtype, results=args.results,
         eval_offload=args.eval_offload, eval_window_stride=args.eval_window_stride, svd_driver=args.svd_driver,
         export=getattr(args, "export", None), eval_options=freeze_eval_options(options),
+        compressed_store=args.compressed_store, compressed_store_max_gb=args.compressed_store_max_gb,
     )
 
 
@@ -126,6 +132,23 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compressions(args: argparse.Namespace) -> int:
+    from harness.runs.compressions import CompressionStore, describe, to_json
+
+    store = CompressionStore(args.store)
+    if args.action == "list":
+        entries = store.entries()
+        print(to_json(entries) if args.json else describe(entries))
+        return 0
+    if not (args.key or args.all or args.older_than_days is not None or args.max_gb is not None):
+        raise ValueError("prune what? give --key KEY, --older-than-days N, --max-gb GB or --all")
+    removed = store.prune(keys=args.key, everything=args.all,
+                          older_than_s=None if args.older_than_days is None else args.older_than_days * 86400.0,
+                          max_bytes=None if args.max_gb is None else int(args.max_gb * 1e9))
+    print(f"removed {len(removed)} stored compression(s), {sum(e.bytes for e in removed) / 1e6:.1f} MB")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from harness.demo import demo
 
@@ -152,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=None, help="also record the rank kept at this ratio")
     p.add_argument("--out", required=True, help="output JSON file (input of: svdbench plot --kind spectra)")
     p.set_defaults(func=_cmd_spectra)
+    p = sub.add_parser("compressions", help="list or prune a store of compressed cells (--compressed-store)")
+    p.add_argument("action", choices=("list", "prune"))
+    p.add_argument("--store", required=True, metavar="DIR", help="the store folder")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    p.add_argument("--key", action="append", default=[], help="prune: this compression key (repeatable)")
+    p.add_argument("--older-than-days", type=float, default=None, help="prune: entries unused for this long")
+    p.add_argument("--max-gb", type=float, default=None, help="prune: least recently used until the store is this small")
+    p.add_argument("--all", action="store_true", help="prune: every entry")
+    p.set_defaults(func=_cmd_compressions)
     p = sub.add_parser("methods", help="list registered methods and components")
     p.set_defaults(func=_cmd_methods)
     p = sub.add_parser("demo", help="offline end-to-end run on SmolLM2-135M (or a tiny reference model); needs SVDBENCH_DATA")

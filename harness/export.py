@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -111,17 +111,18 @@ def _manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
-def unique_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The state dict with every tensor stored once: ``(tensors, aliases)``.
+def unique_tensors(named: Iterable[tuple[str, Tensor]]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Named tensors with every tensor kept once, on the CPU: ``(tensors, aliases)``.
 
-    Tied weights (e.g. ``lm_head.weight`` and the input embedding) are the same tensor under two
-    names; safetensors refuses shared storage, and storing both would double the head's bytes.
-    ``aliases`` maps each dropped name to the kept one, so the loader can tie them again.
+    Tied tensors (e.g. ``lm_head.weight`` and the input embedding, or one shared basis under every
+    member of its group) are the same tensor under several names; safetensors refuses shared
+    storage, and storing each would multiply their bytes. ``aliases`` maps each dropped name to the
+    kept one, so a loader can tie them again.
     """
     tensors: dict[str, Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...], torch.dtype], str] = {}
-    for name, t in model.state_dict(keep_vars=False).items():
+    for name, t in named:
         t = t.detach()
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if t.numel() > 0 and ident in seen:
@@ -133,6 +134,11 @@ def unique_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
             t = t.contiguous().clone()  # a view into a larger storage: safetensors refuses shared memory
         tensors[name] = t
     return tensors, aliases
+
+
+def unique_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The model's state dict with every tensor stored once (:func:`unique_tensors`)."""
+    return unique_tensors(model.state_dict(keep_vars=False).items())
 
 
 def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Tensor]]:

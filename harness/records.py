@@ -161,7 +161,8 @@ def dense_record(header: Mapping[str, Any], params_targets: int, params_model: i
 def cell_record(header: Mapping[str, Any], counts: Mapping[str, Any], metrics: Mapping[str, Any],
                 evaluation: Mapping[str, Any], timings_s: Mapping[str, float], statistics_cached: bool,
                 statistics: Mapping[str, Any], probes: Mapping[str, Any], peak_bytes: int,
-                numerics: Mapping[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
+                numerics: Mapping[str, Any], layers: list[dict[str, Any]],
+                compression: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A compressed cell's record.
 
     Args:
@@ -176,10 +177,13 @@ def cell_record(header: Mapping[str, Any], counts: Mapping[str, Any], metrics: M
         peak_bytes: Peak device (or process) memory.
         numerics: Whitening fallbacks and other numerical facts.
         layers: One entry per target linear (rank, keep, reported statistics).
+        compression: The compression key and where the compressed model came from (computed in this
+            process, or installed from a store of compressions), or None.
     """
     return {
         **header, **counts,
         "metrics": dict(metrics), "evaluation": dict(evaluation), "timings_s": dict(timings_s),
         "statistics_cached": statistics_cached, "statistics": dict(statistics), "probes": dict(probes),
         "peak_memory_bytes": peak_bytes, "numerics": dict(numerics), "layers": layers,
+        **({"compression": dict(compression)} if compression is not None else {}),
     }

@@ -31,7 +31,7 @@ from methods import Method, parse_method
 from methods._linalg import SVD_DRIVERS
 
 __all__ = [
-    "EvalOptions", "Prepared", "RunConfig", "draw_calibration", "eval_options", "freeze_eval_options", "key_fields",
+    "EvalOptions", "Prepared", "RunConfig", "compression_key_fields", "draw_calibration", "eval_options", "freeze_eval_options", "key_fields",
     "planned_keys", "prepare", "resolve_device", "resolve_dtype",
 ]
 
@@ -85,6 +85,10 @@ class RunConfig:
     svd_driver: str | None = None  # top-k routine of the factorizers (None: gram-eigh on CUDA, svd on the CPU)
     export: str | None = None  # directory: each compressed cell is also exported to <export>/<run key>
     eval_options: EvalOptions = ()  # options of registered evaluations (freeze_eval_options)
+    # Folder of stored compressions (harness.runs.compressions): a cell compressed once is evaluated
+    # from there by later runs; None: compress every cell that is run (no store).
+    compressed_store: str | None = None
+    compressed_store_max_gb: float | None = None  # bound of the store (least recently used evicted)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -133,6 +137,14 @@ def prepare(cfg: RunConfig) -> Prepared:
             raise ValueError(f"--{n} must be positive, got {v}")
     if cfg.svd_driver is not None and cfg.svd_driver not in SVD_DRIVERS:
         raise ValueError(f"--svd-driver must be one of {', '.join(SVD_DRIVERS)}, got {cfg.svd_driver!r}")
+    if cfg.compressed_store_max_gb is not None and cfg.compressed_store_max_gb < 0:
+        raise ValueError(f"--compressed-store-max-gb must be non-negative, got {cfg.compressed_store_max_gb}")
+    if cfg.compressed_store_max_gb is not None and cfg.compressed_store is None:
+        raise ValueError("--compressed-store-max-gb bounds a store: give --compressed-store DIR too")
+    if cfg.compressed_store is not None:
+        store = Path(cfg.compressed_store).expanduser()
+        if store.exists() and not store.is_dir():
+            raise ValueError(f"--compressed-store {store} exists and is not a folder")
     if cfg.eval_offload not in OFFLOAD_MODES:
         raise ValueError(f"--eval-offload must be one of {', '.join(OFFLOAD_MODES)}, got {cfg.eval_offload!r}")
     model_config = read_config(cfg.model)
@@ -183,6 +195,18 @@ def key_fields(prep: Prepared, model_info: Mapping[str, Any], method: dict[str, 
         **({"svd_driver": cfg.svd_driver} if cfg.svd_driver else {}),
         "svdbench": svdbench_version(),
     }
+
+
+def compression_key_fields(prep: Prepared, model_info: Mapping[str, Any], method: dict[str, Any], ratio: float,
+                           calib: dict[str, Any]) -> dict[str, Any]:
+    """What determines a cell's compressed model, and nothing about how it is evaluated.
+
+    Its hash names the cell's stored compression (:mod:`harness.runs.compressions`); every record
+    that evaluates that compressed model, whatever its evaluations, carries it as
+    ``compression.key``. The fields are :func:`key_fields` without the evaluation ones.
+    """
+    fields = key_fields(prep, model_info, method, ratio, calib)
+    return {"kind": "compression", **{k: v for k, v in fields.items() if k not in ("evals", "eval")}}
 
 
 # Calibration draws of this process, so that planning a sweep and running its cells draw each

@@ -59,7 +59,7 @@ def compress_and_export(session: Any, method: Any, ratio: float, out: Path | str
     if out is None and export_is_complete(Path(session.cfg.export) / key, key):
         log.info("export exists: %s", Path(session.cfg.export) / key)
         return Path(session.cfg.export) / key
-    cell = session.compress(method, ratio)
+    cell = session.install_stored(method, ratio) or session.compress(method, ratio)
     try:
         if out is None:
             return export_cell(session, method, ratio, key, cell.result)

@@ -28,9 +28,10 @@ from harness.records import (
     record_header,
     write_json_atomic,
 )
+from harness.runs.compressions import StoredCompressionError
 from harness.runs.config import RunConfig, eval_options, prepare
 from harness.runs.export import compress_and_export, export_cell
-from harness.runs.session import Session
+from harness.runs.session import CompressedCell, Session
 from methods._linalg import default_svd_driver
 
 __all__ = ["DENSE", "CellOutcome", "run", "run_cells"]
@@ -107,10 +108,11 @@ def run_cell(session: Session, method_name: str, ratio: float) -> Path:
     assert session.calibration is not None
     header = _header(session, key, {"name": method.name, "config": method.config()}, ratio, session.calibration.record())
     try:
-        cell = session.compress(method, ratio)
+        cell = session.install_stored(method, ratio) or session.compress(method, ratio)
     except Exception:
         write_json_atomic(path, failed_record(header, traceback.format_exc()))
         raise
+    compression = _compression_block(session, cell)
     try:
         evaluated = session.evaluate()
         if cfg.export:
@@ -120,22 +122,63 @@ def run_cell(session: Session, method_name: str, ratio: float) -> Path:
         raise
     finally:
         session.restore(cell)
-    result = cell.result
-    # statistics: dense statistics passes run for this cell (0 when read from the store);
-    # allocation includes the probes; compress is the whole compression wall time.
-    timings = {"load": session.load_s, "statistics": cell.statistics_seconds, **result.timings_s,
-               "compress": cell.seconds, "eval": evaluated.seconds}
-    probes = {name: dict(p.last_cost) for name, p in cell.probes.items() if getattr(p, "last_cost", None)}
+    fields = cell.stored["record"] if cell.stored is not None else _compression_record(session, cell)
+    if cell.stored is not None:
+        # Nothing was computed here: no statistics pass, no probe, no factorization.
+        timings = {"load": session.load_s, "statistics": 0.0, "compress": 0.0, "load_compression": cell.seconds,
+                   "eval": evaluated.seconds}
+    else:
+        timings = {"load": session.load_s, **fields["timings_s"], "eval": evaluated.seconds}
     record = cell_record(
-        header, result.counts(), evaluated.metrics, _evaluation_block(session, evaluated.placement), timings,
-        statistics_cached=not cell.statistics_seconds,
-        statistics={**result.statistics, "svd_driver": default_svd_driver(session.prep.device)},
-        probes=probes, peak_bytes=peak_memory_bytes(session.prep.device)["bytes"],
-        numerics={**result.numerics, "calibration_tokens_per_layer": session.calibration_tokens()},
-        layers=result.layers,
+        header, fields["counts"], evaluated.metrics, _evaluation_block(session, evaluated.placement), timings,
+        statistics_cached=cell.stored is not None or fields["statistics_cached"], statistics=fields["statistics"],
+        probes=fields["probes"], peak_bytes=peak_memory_bytes(session.prep.device)["bytes"],
+        numerics=fields["numerics"], layers=fields["layers"], compression=compression,
     )
     write_json_atomic(path, record)
     return path
+
+
+def _compression_record(session: Session, cell: CompressedCell) -> dict[str, Any]:
+    """What a record says about a compression computed in this process (and what the store keeps).
+
+    Timings: ``statistics``, the dense statistics passes run for this cell (0 when read from the
+    statistics store); the stages of the compression (allocation includes the probes); ``compress``,
+    the whole compression wall time.
+    """
+    result = cell.result
+    return {
+        "counts": result.counts(),
+        "timings_s": {"statistics": cell.statistics_seconds, **result.timings_s, "compress": cell.seconds},
+        "statistics_cached": not cell.statistics_seconds,
+        "statistics": {**result.statistics, "svd_driver": default_svd_driver(session.prep.device)},
+        "probes": {name: dict(p.last_cost) for name, p in cell.probes.items() if getattr(p, "last_cost", None)},
+        "numerics": {**result.numerics, "calibration_tokens_per_layer": session.calibration_tokens()},
+        "layers": result.layers,
+    }
+
+
+def _compression_block(session: Session, cell: CompressedCell) -> dict[str, Any]:
+    """The record's ``compression`` block: the compression key, where the compressed model came from
+    (``computed`` here, or installed from the ``store``), and whether it is stored now.
+
+    A compression computed here is written to the store (when there is one) before it is evaluated;
+    a store that cannot take it is reported in the block and the log, and the cell still evaluates.
+    """
+    key = session.compression_key(cell.method, cell.ratio)
+    if cell.stored is not None:
+        return {"key": key, "source": "store", "store": str(session.store.root) if session.store else None,
+                "stored_at": cell.stored.get("created"), "original_timings_s": cell.stored["record"]["timings_s"]}
+    block: dict[str, Any] = {"key": key, "source": "computed", "stored": False}
+    if session.store is not None:
+        try:
+            session.store.save(key, session.model, [name for name, _ in cell.result.undo],
+                               session.compression_fields(cell.method, cell.ratio), _compression_record(session, cell))
+            block.update(stored=True, store=str(session.store.root))
+        except (OSError, StoredCompressionError) as exc:
+            log.error("could not store compression %s in %s: %s", key, session.store.root, exc)
+            block["store_error"] = str(exc)
+    return block
 
 
 def run_cells(cfg: RunConfig, cells: Sequence[tuple[str, float]], before: Hook | None = None,

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from harness import data
-from harness.cache import cache_path
+from harness.cache import cache_path, move_aside
 from harness.engine.capture import Batch, capture_block_inputs
 from harness.engine.compress import CompressionResult, compress_model, restore
 from harness.engine.models import discover, fingerprint, is_encoder_config, load_model
@@ -33,7 +33,8 @@ from harness.evaluations import (
     run_evaluations,
 )
 from harness.records import run_key
-from harness.runs.config import Prepared, draw_calibration, eval_options, key_fields
+from harness.runs.compressions import CompressionStore, StoredCompressionError
+from harness.runs.config import Prepared, compression_key_fields, draw_calibration, eval_options, key_fields
 from methods import Method
 from methods._linalg import set_svd_driver
 
@@ -59,6 +60,7 @@ class CompressedCell:
     seconds: float
     statistics_seconds: float  # dense statistics passes run for this cell (0 when read from the store)
     probes: dict[str, Any] = field(default_factory=dict)
+    stored: dict[str, Any] | None = None  # the stored compression's manifest when installed from a store
 
 
 class Session:
@@ -84,6 +86,9 @@ class Session:
         self._statistics: CalibrationStatistics | None = None
         self._scratch: tempfile.TemporaryDirectory | None = None
         self._references_done = False
+        max_gb = cfg.compressed_store_max_gb
+        self.store = (CompressionStore(cfg.compressed_store, None if max_gb is None else int(max_gb * 1e9))
+                      if cfg.compressed_store else None)
 
     # -- keys ----------------------------------------------------------------------------------
     def dense_key(self) -> str:
@@ -94,6 +99,16 @@ class Session:
         assert self.calibration is not None
         block = {"name": method.name, "config": method.config()}
         return run_key(key_fields(self.prep, self.model_info, block, ratio, self.calibration.record()))
+
+    def compression_fields(self, method: Method, ratio: float) -> dict[str, Any]:
+        """What determines the cell's compressed model (:func:`compression_key_fields`)."""
+        self.statistics()  # draws the calibration
+        assert self.calibration is not None
+        block = {"name": method.name, "config": method.config()}
+        return compression_key_fields(self.prep, self.model_info, block, ratio, self.calibration.record())
+
+    def compression_key(self, method: Method, ratio: float) -> str:
+        return run_key(self.compression_fields(method, ratio))
 
     # -- calibration statistics ----------------------------------------------------------------
     def _batches(self) -> list[Batch]:
@@ -152,6 +167,29 @@ class Session:
         probes = self.probes(method)
         result = compress_model(self.model, self.layout, method, ratio, source, probes=probes)
         return CompressedCell(method, ratio, result, time.perf_counter() - t0, source.seconds - stats_before, probes)
+
+    def install_stored(self, method: Method, ratio: float) -> CompressedCell | None:
+        """The cell's compressed model from the store, swapped into the dense model (no statistics,
+        probes or factorization), or None when there is no store or no entry for the cell."""
+        if self.store is None:
+            return None
+        key = self.compression_key(method, ratio)
+        if not self.store.has(key):
+            return None
+        t0 = time.perf_counter()
+        try:
+            manifest, undo = self.store.install(key, self.model)
+        except StoredCompressionError as exc:
+            # A damaged entry is never evaluated: report it, keep it aside for inspection, recompress.
+            move_aside(self.store.path(key), f"stored compression unusable ({exc})")
+            return None
+        counts = manifest["record"]["counts"]
+        result = CompressionResult(
+            layers=manifest["record"]["layers"], params_dense=counts["params_dense"],
+            params_compressed=counts["params_compressed"], params_model_dense=counts["params_model_dense"],
+            params_model_compressed=counts["params_model_compressed"], numerics=manifest["record"]["numerics"],
+            statistics=manifest["record"]["statistics"], undo=undo)
+        return CompressedCell(method, ratio, result, time.perf_counter() - t0, 0.0, stored=manifest)
 
     def restore(self, cell: CompressedCell) -> None:
         """Undo :meth:`compress`: the dense model again."""

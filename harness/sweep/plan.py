@@ -71,6 +71,8 @@ def run_config(spec: SweepSpec, model: str, seed: int) -> RunConfig:
         limit=ev.limit, tasks=ev.tasks, seed=seed, device=spec.device, dtype=spec.dtype,
         results=str(Path(spec.results).expanduser().resolve()), eval_window_stride=ev.window_stride,
         eval_offload=ev.offload, svd_driver=spec.svd_driver, eval_options=ev.options,
+        compressed_store=None if spec.compressed_store is None else str(Path(spec.compressed_store).expanduser().resolve()),
+        compressed_store_max_gb=spec.compressed_store_max_gb,
     )
 
 

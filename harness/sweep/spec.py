@@ -316,6 +316,10 @@ class SweepSpec:
     executor: str = field(default="inprocess", metadata=parse_with(_one_of(EXECUTORS)))
     # Top-k SVD routine of the factorizers (``svdbench run --svd-driver``); None: the device default.
     svd_driver: str | None = field(default=None, metadata=parse_with(_one_of(("svd", "gram-eigh"), optional=True)))
+    # A store of compressed cells (``svdbench run --compressed-store``): cells compressed once, evaluated
+    # from there by later sweeps; None: no store. Does not enter run keys.
+    compressed_store: str | None = None
+    compressed_store_max_gb: float | None = None
     submitit: SubmititSpec = field(default_factory=SubmititSpec)
 
     @property
