@@ -5,7 +5,8 @@
 1. ``svdbench sweep benchmarks/reference_leaderboard.yaml results=<results>`` (resumable: only the
    missing cells run; extra ``key=value`` overrides are passed through, e.g. ``ratios=[0.4]``),
 2. ``svdbench leaderboard <results> --output <results>/leaderboard.md``,
-3. ``svdbench plot <results> --kind ppl-vs-ratio rank-allocation --out <figures>`` (PDF + PNG).
+3. ``svdbench plot <results> --kind ppl-vs-ratio rank-allocation --out <figures>`` (PDF + PNG), with
+   ``zeroshot-vs-ratio`` (average zero-shot accuracy) too when the sweep evaluates ``zeroshot``.
 
 The reports are written even when some cells failed (they show what exists); the exit code is then
 the sweep's (1). Needs ``SVDBENCH_DATA`` (the calibration file lives in the data pack).
@@ -55,12 +56,15 @@ def make_reference_results(results: str | Path = "results/reference", figures: s
         if code == 2:
             return code
     name = Path(spec).stem.replace("_", "-")
-    # Perplexity sweeps plot perplexity; others (an encoder's embed-fidelity) their first metric.
+    # Perplexity sweeps plot perplexity (and the zero-shot average beside it when the sweep has it);
+    # others (an encoder's embed-fidelity) their first metric.
     evals = load_spec(spec, overrides).evals
-    kind = ["ppl-vs-ratio"] if set(evals) & set(PERPLEXITY_PROTOCOLS) else ["metric-vs-ratio", "--metric", evals[0]]
+    perplexity = bool(set(evals) & set(PERPLEXITY_PROTOCOLS))
+    kinds = (["ppl-vs-ratio"] + (["zeroshot-vs-ratio"] if "zeroshot" in evals else [])) if perplexity else ["metric-vs-ratio"]
+    metric = [] if perplexity else ["--metric", evals[0]]
     steps = [
         ["leaderboard", str(results), "--format", "md", "--output", str(Path(results) / "leaderboard.md")],
-        ["plot", str(results), "--kind", *kind[:1], "rank-allocation", *kind[1:], "--out", str(figures), "--sweep-id", name],
+        ["plot", str(results), "--kind", *kinds, "rank-allocation", *metric, "--out", str(figures), "--sweep-id", name],
     ]
     for step in steps:
         if svdbench(step) != 0:

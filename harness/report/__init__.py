@@ -4,12 +4,15 @@ Modules:
     store: load records into a flat DataFrame (:func:`load_store`, :func:`records_to_frame`).
     metrics: the metric registry (labels, directions, formats; did-you-mean errors).
     spread: seed replicates as mean ± sample standard deviation, and the best/tie rule.
+    paired: the paired tie rule of zero-shot columns (per-document differences against the best).
     staleness: which records no longer describe what their label says (config drift, other weights).
     leaderboard: paper-style tables (:func:`render_leaderboard`; md, LaTeX, CSV).
     html (+ html_*): the static HTML site (:func:`write_site`): table, filters, figures, record pages.
     plots / style: paper figures (:func:`plot`) with one fixed style per method, error bars from the spread.
     compare: regression verdicts (:func:`compare`) and scenario checks (:func:`check_scenario`).
-    cli: ``leaderboard`` (md, latex, csv, html) / ``plot`` / ``compare`` subcommands for the engine's CLI.
+    agreement: rank agreement of two metrics or two models (:func:`agreement`; Spearman, Kendall).
+    cli: ``leaderboard`` (md, latex, csv, html; ``--agreement``) / ``plot`` / ``compare`` subcommands
+        for the engine's CLI.
 
 The names below are imported lazily so that ``import harness.report`` does not pull in matplotlib.
 """
@@ -32,6 +35,9 @@ _LAZY = {
     "add_report_subcommands": "cli",
     "write_site": "html",
     "stale_reasons": "staleness",
+    "agreement": "agreement",
+    "rank_agreement": "agreement",
+    "render_agreement": "agreement",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,6 +1,8 @@
 """Report subcommands (``leaderboard``, ``plot``, ``compare``) for the engine's argparse CLI.
 
-``leaderboard --format html --out DIR`` writes the static site (:mod:`harness.report.html`).
+``leaderboard --format html --out DIR`` writes the static site (:mod:`harness.report.html`);
+``leaderboard --agreement METRIC_A,METRIC_B`` prints how two metrics (or, with
+``--agreement-models A,B``, two models) rank the methods alike (:mod:`harness.report.agreement`).
 
 The engine owns the entry point; it calls :func:`add_report_subcommands` on its subparsers and
 then ``return args.func(args)``. Each ``func`` returns the process exit code. Results go to
@@ -65,11 +67,50 @@ def _html_site(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _split_pair(text: str, what: str) -> list[str]:
+    """``"A,B"`` -> ``["A", "B"]`` (``"A"`` -> ``["A"]``); more than two names is an error."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not 1 <= len(parts) <= 2:
+        raise ValueError(f"{what}: give one or two comma-separated names, got {text!r}")
+    return parts
+
+
+def _agreement(args: argparse.Namespace) -> int:
+    """``leaderboard RESULTS --agreement A,B [--ratio R] [--agreement-models M1,M2]``: rank agreement."""
+    from harness.report.agreement import agreement, render_agreement
+    from harness.report.store import load_store
+
+    if args.format not in ("md", "csv"):
+        logger.error("--agreement prints md or csv, not %s", args.format)
+        return EXIT_USAGE
+    try:
+        metrics = _split_pair(args.agreement, "--agreement")
+        models = _split_pair(args.agreement_models, "--agreement-models") if args.agreement_models else None
+        if models is None and args.model:
+            models = [args.model]
+        results = agreement(
+            load_store(args.results), metrics[0], metrics[-1], ratio=args.ratio, models=models,
+            allow_limited=args.allow_limited,
+        )
+        text = render_agreement(results, fmt=args.format)
+    except (LimitedRecordsError, ValueError, KeyError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    _emit(text, args.output)
+    return EXIT_OK
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    """``leaderboard RESULTS --format md|latex|csv|html``: render the paper-style table (html: a site)."""
+    """``leaderboard RESULTS --format md|latex|csv|html``: render the paper-style table (html: a site);
+    with ``--agreement``: the rank agreement of two metrics or models instead."""
     from harness.report.leaderboard import render_leaderboard
     from harness.report.store import load_store
 
+    if args.agreement:
+        return _agreement(args)
+    if args.agreement_models or args.ratio is not None:
+        logger.error("--agreement-models and --ratio belong to --agreement METRIC_A,METRIC_B")
+        return EXIT_USAGE
     if args.format == "html":
         return _html_site(args)
     if args.compare or args.out:
@@ -123,6 +164,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
                 git_sha=args.git_sha,
                 sweep_id=args.sweep_id,
                 allow_limited=args.allow_limited,
+                chance=None if kind == "ppl-vs-ratio" else args.chance,  # a chance level is an accuracy's
             )
     except (LimitedRecordsError, ValueError, KeyError, FileNotFoundError) as exc:
         logger.error("%s", exc)
@@ -179,6 +221,14 @@ def add_report_subcommands(subparsers: argparse._SubParsersAction) -> None:  # t
     p.add_argument("--compare", metavar="BASELINE", help="html: also show regression verdicts against BASELINE")
     p.add_argument("--rtol", type=float, default=0.02, help="html --compare: relative tolerance (default 0.02)")
     p.add_argument("--no-figures", action="store_true", help="html: leave the figures out (faster)")
+    p.add_argument(
+        "--agreement",
+        metavar="METRIC_A,METRIC_B",
+        help="instead of the table: Spearman rho / Kendall tau of the methods' rankings by two metrics "
+        "(e.g. wikitext2,average), per ratio; one metric with --agreement-models compares two models",
+    )
+    p.add_argument("--agreement-models", metavar="MODEL_A,MODEL_B", help="--agreement: rank on these two models")
+    p.add_argument("--ratio", type=float, help="--agreement: only this ratio (default: every ratio)")
     p.set_defaults(func=cmd_leaderboard)
 
     p = subparsers.add_parser("plot", help="paper figures (PDF + 300 dpi PNG) from a results directory")
@@ -194,6 +244,10 @@ def add_report_subcommands(subparsers: argparse._SubParsersAction) -> None:  # t
     p.add_argument("--git-sha", help="recorded in the figure metadata (default: git rev-parse HEAD)")
     p.add_argument("--sweep-id", help="recorded in the figure metadata (default: from the records)")
     p.add_argument("--allow-limited", action="store_true", help="plot records evaluated with --limit")
+    p.add_argument(
+        "--chance", type=float, metavar="FRACTION",
+        help="zeroshot-vs-ratio: chance level as a fraction (e.g. 0.37), drawn as a dotted line",
+    )
     p.set_defaults(func=cmd_plot)
 
     p = subparsers.add_parser("compare", help="regression verdict against a baseline results directory")

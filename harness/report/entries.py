@@ -10,6 +10,10 @@ unless allowed, marked †) and perplexities scored on the first N windows only
 (``--eval-max-windows``, protocol id ``...:firstN``; ``partial_windows``, marked §). Text tables
 mark the second kind (their protocol already keeps them out of full-protocol columns); the HTML
 site leaves out both unless asked.
+
+A method string with options (``asvd[asvd-sensitivity.n_sequences=1,asvd-sensitivity.step=0.2]``)
+is shown as its method's paper name with a numbered footnote mark (``ASVD¹``); the full string goes
+into a note under the table (:func:`method_footnotes`). Tables and figures number the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from collections.abc import Iterable
 
 import pandas as pd
 
@@ -30,6 +35,8 @@ __all__ = [
     "smoke_mask",
     "method_sort_key",
     "method_display_name",
+    "method_footnotes",
+    "superscript",
     "select_model",
     "check_limited",
     "protocol_columns",
@@ -63,12 +70,18 @@ class LimitedRecordsError(ValueError):
     """Raised when a report would include records evaluated with ``--limit``."""
 
 
+def _base(name: str) -> str:
+    """The method string without its options: ``asvd[a.b=1]`` -> ``asvd``."""
+    return name.partition("[")[0]
+
+
 def method_sort_key(name: str) -> tuple[int, str, int, str]:
     """Stable method order: dense, the known methods, other methods alphabetically.
 
-    A variant (``"svd-llm+adacomp"``) sorts right after its parent (the part before ``+``).
+    A variant (``"svd-llm+adacomp"``) sorts right after its parent (the part before ``+``), and a
+    method with options (``"asvd[...]"``) right after the same method without.
     """
-    parent, _, variant = name.partition("+")
+    parent, _, variant = _base(name).partition("+")
     if parent == "dense":
         return (-1, "", 0, name)
     rank = METHOD_ORDER.index(parent) if parent in METHOD_ORDER else len(METHOD_ORDER)
@@ -76,9 +89,27 @@ def method_sort_key(name: str) -> tuple[int, str, int, str]:
 
 
 def method_display_name(name: str) -> str:
-    """Paper spelling of a method name (``svd-llm+adacomp`` -> ``SVD-LLM+adacomp``)."""
-    parent, sep, variant = name.partition("+")
+    """Paper spelling of a method name without its options (``svd-llm+adacomp`` -> ``SVD-LLM+adacomp``,
+    ``asvd[...]`` -> ``ASVD``; :func:`method_footnotes` tells such methods apart)."""
+    parent, sep, variant = _base(name).partition("+")
     return _DISPLAY.get(parent, parent) + sep + variant
+
+
+_SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def superscript(n: int) -> str:
+    """``12`` -> ``¹²``: a footnote mark that survives plain-text formats."""
+    return str(n).translate(_SUPERSCRIPT)
+
+
+def method_footnotes(methods: Iterable[str]) -> dict[str, int]:
+    """Footnote number of every method string with options, numbered 1, 2, ... in method order.
+
+    Numbers depend only on the set of method strings, so a model's table and figures agree.
+    """
+    with_options = sorted({m for m in methods if isinstance(m, str) and _base(m) != m}, key=method_sort_key)
+    return {m: i for i, m in enumerate(with_options, start=1)}
 
 
 def select_model(frame: pd.DataFrame, model: str | None) -> list[tuple[str, pd.DataFrame]]:
@@ -149,11 +180,14 @@ def entry_identity(frame: pd.DataFrame) -> pd.Series:
 
 
 def entry_labels(frame: pd.DataFrame) -> pd.Series:
-    """Method labels, disambiguated when one method name covers several configs/calibrations.
+    """Method labels: the display name, a footnote mark for a method string with options
+    (:func:`method_footnotes`), and what tells entries apart when one method name covers several
+    configs/calibrations.
 
     ``frame`` must carry an ``_identity`` column from :func:`entry_identity`.
     """
-    labels = frame["method"].map(method_display_name)
+    notes = method_footnotes(frame["method"])
+    labels = frame["method"].map(lambda m: method_display_name(m) + (superscript(notes[m]) if m in notes else ""))
     calib_cols = ["calib_source", "calib_samples", "calib_seqlen"]
     for method, g in frame.groupby("method", sort=False):
         if g["_identity"].nunique() <= 1:

@@ -147,7 +147,8 @@ def _index(
         '<p class="caption">'
         + esc(
             f"{RATIO_DEFINITION}. Values: {SPREAD_DEFINITION}. Bold: best per ratio group and column "
-            f"(dense row excluded). {TIE_DEFINITION}. Click a column header to sort (again to reverse), "
+            f"(dense row excluded). {TIE_DEFINITION}; zero-shot columns also pair the methods over "
+            "documents (rules and marks in the notes under each table). Click a column header to sort (again to reverse), "
             "a row to open its record; the dense reference stays on top."
         )
         + "</p>",

@@ -36,6 +36,7 @@ h1 { font-size: 22px; margin: 4px 0; } h2 { font-size: 18px; margin: 20px 0 4px;
 a { color: var(--link); text-decoration: none; } a:hover { text-decoration: underline; }
 .muted, .caption, footer { color: var(--muted); }
 .caption { max-width: 1100px; margin: 4px 0 8px; font-size: 13px; }
+.notes { max-width: 1100px; margin: 6px 0 0; padding-left: 18px; font-size: 12px; color: var(--muted); white-space: normal; }
 #controls { display: flex; flex-wrap: wrap; gap: 16px; align-items: center; padding: 10px 0; }
 #controls label { display: flex; gap: 6px; align-items: center; }
 select, button { font: inherit; padding: 2px 6px; }

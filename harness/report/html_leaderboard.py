@@ -17,6 +17,7 @@ import pandas as pd
 from harness.report.compare import CompareResult
 from harness.report.html_common import attrs, esc
 from harness.report.leaderboard import LeaderboardTable
+from harness.report.paired import PAIRED_TIE_DEFINITION, is_paired_column
 from harness.report.spread import TIE_DEFINITION, TIE_MARK, is_tie
 
 __all__ = ["Figure", "ratio_key", "ratio_label", "model_section", "controls", "compare_section"]
@@ -64,7 +65,8 @@ def _metric_cell(table: LeaderboardTable, i: int, key: str, protocol: str | None
     if mark:
         text = f"<strong>{text}</strong>"
     if is_tie(mark):
-        text += f'<sup title="{esc(TIE_DEFINITION)}">{TIE_MARK}</sup>'
+        rule = f"{TIE_MARK} tie, {PAIRED_TIE_DEFINITION}" if is_paired_column(key) else TIE_DEFINITION
+        text += f'<sup title="{esc(rule)}">{TIE_MARK}</sup>'
     return f"<td{attrs(class_=classes, data_value=value, data_protocol=protocol)}>{text}</td>"
 
 
@@ -78,7 +80,7 @@ def _table(table: LeaderboardTable, pages: Mapping[str, str]) -> str:
     for s in table.metrics:
         head.append(
             f"<th{attrs(data_type='num', data_key=s.key, data_protocol=protocols[s.key], data_first='desc' if s.higher_is_better else 'asc', title=protocols[s.key])}>"
-            f"{esc(s.label + s.arrow)}</th>"
+            f"{esc(table.header_text(s))}</th>"
         )
     groups = table.group_keys()
     body = []
@@ -114,10 +116,17 @@ def _table(table: LeaderboardTable, pages: Mapping[str, str]) -> str:
     )
 
 
+def _notes(table: LeaderboardTable) -> str:
+    """The table's notes (rules, marks, footnotes) as a list beneath it, as in the text formats."""
+    if not table.notes:
+        return ""
+    return '<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in table.notes) + "</ul>"
+
+
 def model_section(
     table: LeaderboardTable, pages: Mapping[str, str], figures: Sequence[Figure], anchor: str
 ) -> str:
-    """One model: heading, the table's caption, the table, and its figures beside it."""
+    """One model: heading, the table's caption, the table with its notes beneath, and its figures beside it."""
     figs = "".join(
         f'<figure><a href="{esc(f.png)}"><img src="{esc(f.png)}" alt="{esc(f.caption)}" loading="lazy"></a>'
         f"<figcaption>{esc(f.caption)}"
@@ -129,7 +138,7 @@ def model_section(
         f'<section class="model"{attrs(id=anchor, data_model=table.model)}>'
         f"<h2>{esc(table.model)}</h2>"
         f'<p class="caption">{esc(table.caption.partition(": ")[2])}</p>'
-        f'<div class="board"><div class="table-wrap">{_table(table, pages)}</div>'
+        f'<div class="board"><div class="table-wrap">{_table(table, pages)}{_notes(table)}</div>'
         + (f'<aside class="figures">{figs}</aside>' if figs else "")
         + "</div></section>"
     )

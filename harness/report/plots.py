@@ -24,8 +24,11 @@ from harness.report.entries import (
     check_limited,
     entry_identity,
     entry_labels,
+    method_footnotes,
     method_sort_key,
+    protocol_columns,
     select_model,
+    superscript,
 )
 from harness.report.metrics import MetricSpec, resolve_metric
 from harness.report.spectra import load_spectra, spectra_figure
@@ -132,8 +135,14 @@ def _ratio_estimates(g: pd.DataFrame, key: str) -> list[tuple[float, Estimate]]:
     return [(float(r), estimate(s.tolist())) for r, s in per_seed.groupby(level=0, sort=True)]
 
 
-def _metric_vs_ratio(frame: pd.DataFrame, model: str, spec: MetricSpec, ylabel: str, log_y: bool) -> Any:
-    """Metric (mean over seeds) against ratio, one line per method, error bars ± s where n >= 2."""
+CHANCE_STYLE: dict[str, Any] = {"color": "0.45", "linestyle": ":", "linewidth": 1.0, "marker": "", "label": "Chance"}
+
+
+def _metric_vs_ratio(
+    frame: pd.DataFrame, model: str, spec: MetricSpec, ylabel: str, log_y: bool, chance: float | None = None
+) -> Any:
+    """Metric (mean over seeds) against ratio, one line per method, error bars ± s where n >= 2; the
+    dense model as a horizontal reference line, and ``chance`` (raw units) as a dotted one when given."""
     series = _series(frame)
     # The legend sits above the axes in three columns; grow the figure with it, not shrink the axes.
     legend_rows = math.ceil((len(series) + 1) / 3)
@@ -173,6 +182,9 @@ def _metric_vs_ratio(frame: pd.DataFrame, model: str, spec: MetricSpec, ylabel: 
         )
     if not ax.lines:
         raise ValueError(f"{model}: no {spec.key} values to plot")
+    if chance is not None:
+        # A floor, not data: drawn after the check so that it never makes an empty figure look full.
+        ax.axhline(spec.display(chance), **CHANCE_STYLE)
     if log_y:
         ax.set_yscale("log")
         _readable_log_y(ax)
@@ -183,6 +195,32 @@ def _metric_vs_ratio(frame: pd.DataFrame, model: str, spec: MetricSpec, ylabel: 
     # No title: paper figures are captioned in LaTeX; the model is in the file name and metadata.
     fig.legend(loc="outside upper center", ncol=3, columnspacing=1.0, handletextpad=0.4)
     return fig
+
+
+def _check_chance(spec: MetricSpec, chance: float | None) -> None:
+    """A chance level belongs to an accuracy and is a fraction, as the records store accuracies."""
+    if chance is None:
+        return
+    if spec.kind != "acc":
+        raise ValueError(f"chance={chance!r}: a chance level needs an accuracy figure, but {spec.key} is a {spec.kind} metric")
+    if not 0.0 <= chance <= 1.0:
+        raise ValueError(f"chance={chance!r}: give the chance level as a fraction in [0, 1] (0.25, not 25)")
+
+
+def _figure_notes(frame: pd.DataFrame, spec: MetricSpec, chance: float | None) -> dict[str, str]:
+    """Metadata that a caption needs: the protocol, the method footnotes of the legend, the chance level."""
+    notes: dict[str, str] = {}
+    col = protocol_columns(spec.key)[0]
+    if col in frame:
+        protocols = sorted({str(p) for p in frame.loc[frame[spec.key].notna(), col].dropna()})
+        if protocols:
+            notes["protocol"] = ",".join(protocols)
+    footnotes = method_footnotes(frame.loc[frame["method"] != "dense", "method"])
+    if footnotes:
+        notes["methods"] = "; ".join(f"{superscript(n)} {m}" for m, n in footnotes.items())
+    if chance is not None:
+        notes["chance"] = f"{chance:g}"
+    return notes
 
 
 def _layer_rows(frame: pd.DataFrame, value: str) -> pd.DataFrame:
@@ -314,6 +352,7 @@ def plot(
     git_sha: str | None = None,
     sweep_id: str | None = None,
     allow_limited: bool = False,
+    chance: float | None = None,
 ) -> list[Path]:
     """Render one kind of figure (one per model) as PDF + PNG.
 
@@ -334,6 +373,9 @@ def plot(
         git_sha: Recorded in the metadata; default: ``git rev-parse HEAD`` of this checkout.
         sweep_id: Recorded in the metadata; default: the records' ``sweep_id`` values, if any.
         allow_limited: Plot records evaluated with ``--limit`` instead of refusing.
+        chance: For accuracy figures (``zeroshot-vs-ratio``, or ``metric-vs-ratio`` of an
+            accuracy): the chance level as a fraction (e.g. the mean over the tasks of 1 / number
+            of choices), drawn as a dotted line. The records do not know it, so the caller says.
 
     Returns:
         The written paths (PDF then PNG for each figure).
@@ -380,7 +422,9 @@ def plot(
                 extra["error_bars"] = ERROR_BARS
                 if spec.key not in sub.columns:
                     raise ValueError(f"{name}: the store has no {spec.key} values")
-                fig = _metric_vs_ratio(sub, name, spec, _ylabel(spec), log_y=spec.kind == "ppl")
+                _check_chance(spec, chance)
+                extra.update(_figure_notes(sub, spec, chance))
+                fig = _metric_vs_ratio(sub, name, spec, _ylabel(spec), log_y=spec.kind == "ppl", chance=chance)
                 # File tag: the dataset for perplexities, the task or field otherwise.
                 parts = spec.key.split(".")
                 tag = parts[0] if spec.kind == "ppl" else parts[-2] if parts[-1] == "value" else parts[-1]

@@ -15,12 +15,19 @@ tables, figures, the HTML site) summarises them the same way:
   fiftyfold, and such an interval "overlaps" every other entry). When either interval does, the
   same overlap test runs on the log scale that perplexity exponentiates (the per-token NLL):
   ``|mean ln m − mean ln m_best| <= s_ln + s_ln_best`` over the per-seed values.
+* **paired** (zero-shot columns, :mod:`harness.report.paired`): the caller may pass a paired test
+  over documents; an entry the seed rule separates from the best still ties unless the paired
+  test separates it too. Without per-document data the seed rule alone decides.
+
+Collapsed perplexities (mean ≥ 10^5) print in compact notation, two significant digits, the spread
+in the same notation (``6.8e7 ± 3.8e2``): their decimals carry no information and would make the
+column unreadable. "Printed numbers" in the tie rule are then the compact ones.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 
 from harness.report.metrics import MetricSpec
@@ -30,7 +37,9 @@ __all__ = [
     "SPREAD_DEFINITION",
     "TIE_MARK",
     "TIE_DEFINITION",
+    "SEED_TIE_RULE",
     "SINGLE_SEED_NOTE",
+    "COMPACT_FROM",
     "Estimate",
     "estimate",
     "displayed",
@@ -45,11 +54,13 @@ SPREAD_DEFINITION = (
 )
 SINGLE_SEED_NOTE = "n = 1: a single seed, no spread"
 TIE_MARK = "‡"
-TIE_DEFINITION = (
-    f"{TIE_MARK} tie: within the seed spread of the best, i.e. the intervals mean ± s overlap "
+SEED_TIE_RULE = (
+    "within the seed spread of the best, i.e. the intervals mean ± s overlap "
     "(|m − m_best| ≤ s + s_best on the printed numbers; s = 0 for a single seed; a perplexity interval "
     "reaching below 1 is too skewed for mean ± s: that test then runs on the per-seed ln ppl)"
 )
+TIE_DEFINITION = f"{TIE_MARK} tie: {SEED_TIE_RULE}"
+COMPACT_FROM = 1e5  # perplexities from here on print as 6.8e7: a collapsed model, not a number to read to 0.01
 _EPS = 1e-9  # printed numbers are decimal; keep 0.1 + 0.2 style float noise from breaking a tie
 
 
@@ -106,29 +117,51 @@ def _decimals(spec: MetricSpec) -> int:
     return {"ppl": 2, "acc": 2, "count": 0}.get(spec.kind, 3)
 
 
+def _compact(spec: MetricSpec, mean: float) -> bool:
+    """Whether an estimate with this mean prints in compact notation (module docstring)."""
+    return spec.kind == "ppl" and math.isfinite(mean) and abs(mean) >= COMPACT_FROM
+
+
+def _sci(value: float) -> str:
+    """Two significant digits, exponent without ``+`` or leading zeros: ``6.8e7``, ``3.8e-1``."""
+    mantissa, _, exponent = f"{value:.1e}".partition("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def displayed(spec: MetricSpec, est: Estimate) -> tuple[float, float]:
     """``(mean, s)`` as printed: display units (accuracies in %), rounded; ``s = 0`` without spread."""
+    if _compact(spec, est.mean):
+        return float(_sci(est.mean)), 0.0 if est.spread is None else float(_sci(abs(est.spread)))
     mean = spec.rounded(est.mean)
     spread = 0.0 if est.spread is None else round(abs(spec.display(est.spread)), _decimals(spec))
     return mean, spread
 
 
 def format_estimate(spec: MetricSpec, est: Estimate, missing: str = "–") -> str:
-    """``"13.21 ± 0.14"`` with two or more seeds, the bare value with one, ``missing`` with none."""
+    """``"13.21 ± 0.14"`` with two or more seeds, the bare value with one, ``missing`` with none;
+    ``"6.8e7 ± 3.8e2"`` for collapsed perplexities."""
     if est.n == 0:
         return missing
-    text = spec.format(est.mean)
+    fmt = _sci if _compact(spec, est.mean) else spec.format
+    text = fmt(est.mean)
     if est.spread is None:
         return text
-    return f"{text} ± {spec.format(est.spread)}"
+    return f"{text} ± {fmt(est.spread)}"
 
 
-def best_and_ties(spec: MetricSpec, estimates: Mapping[Hashable, Estimate]) -> dict[Hashable, str]:
+def best_and_ties(
+    spec: MetricSpec,
+    estimates: Mapping[Hashable, Estimate],
+    paired: Callable[[Hashable, Hashable], bool | None] | None = None,
+) -> dict[Hashable, str]:
     """Apply the best/tie rule (module docstring) to one ratio group and column.
 
     Args:
         spec: The column's metric (direction and printed precision).
         estimates: Entry id -> estimate; entries without a finite mean take no part.
+        paired: For zero-shot columns, ``paired(entry, best)`` from
+            :func:`harness.report.paired.paired_test`: False ties two entries the seed rule
+            separates; True or None (no per-document data) leaves the seed rule's verdict.
 
     Returns:
         Entry id -> ``"best"`` (the best, nothing within its spread), ``"best tie"`` (a best entry
@@ -151,7 +184,8 @@ def best_and_ties(spec: MetricSpec, estimates: Mapping[Hashable, Estimate]) -> d
         if k in best:
             continue
         for b in best:
-            if _within_spread(spec, estimates[k], estimates[b]):
+            # Separated only when both rules separate: the seed spread and, where given, the documents.
+            if _within_spread(spec, estimates[k], estimates[b]) or (paired is not None and paired(k, b) is False):
                 marks[k] = "tie"
                 tied = True
                 break

@@ -4,7 +4,10 @@ Every report is built from this frame, never from live runs or logs. One row per
 columns are the cell identity (model, method, config, ratio, calibration, seed, limit), the
 accounting (achieved ratios, parameter counts), provenance, and every scalar under ``metrics``
 flattened to a dotted key (``wikitext2.ppl``, ``zeroshot.tasks.piqa.value``). lm-eval's verbatim
-``raw`` dict is left out: it is for forensics, not tables.
+``raw`` dict is left out: it is for forensics, not tables. Per-document correctness (a zero-shot
+task's ``per_doc``: document ids and one '0'/'1' character per document) is no cell value either: it
+goes, keyed by the dotted path of its owner (``zeroshot.tasks.piqa``), into the one ``per_doc``
+column, where the paired tie rule (:mod:`harness.report.paired`) reads it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "read_records",
     "value_text",
     "flatten_metrics",
+    "per_doc_metrics",
     "canonical_config",
     "records_to_frame",
     "load_store",
@@ -91,6 +95,7 @@ _BASE_COLUMNS = [
     "sweep_id",
     "peak_memory_bytes",
     "layers",
+    "per_doc",
 ]
 
 
@@ -152,21 +157,39 @@ def _validate(rec: Mapping[str, Any], file: Path | str) -> None:
         raise StoreError(f"{file}: status must be 'ok' or 'failed', got {rec['status']!r}")
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+_PER_DOC = "per_doc"  # per-document correctness: a column of its own, never flattened into cells
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any], per_doc: dict[str, Any] | None = None) -> None:
+    """Walk ``value``: scalars into ``out`` under their dotted key; ``per_doc`` blocks into ``per_doc``."""
     if isinstance(value, Mapping):
         for k, v in value.items():
             if k == "raw":  # lm-eval's verbatim output: kept in the record, not in tables
                 continue
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+            if k == _PER_DOC:
+                # Thousands of characters per task: no table column, but the tie rule needs them.
+                if per_doc is not None and isinstance(v, Mapping):
+                    per_doc[prefix] = dict(v)
+                continue
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out, per_doc)
     elif value is None or isinstance(value, (bool, int, float, str)):
         out[prefix] = value
     # Lists (e.g. per-window losses) have no single cell value; leave them in the record.
 
 
 def flatten_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A record's ``metrics`` as the store flattens them: dotted key -> scalar (lm-eval ``raw`` and lists left out)."""
+    """A record's ``metrics`` as the store flattens them: dotted key -> scalar (lm-eval ``raw``,
+    ``per_doc`` blocks and lists left out)."""
     out: dict[str, Any] = {}
     _flatten("", metrics or {}, out)
+    return out
+
+
+def per_doc_metrics(metrics: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """A record's per-document blocks: the dotted path of their owner (``zeroshot.tasks.piqa``) ->
+    ``{"doc_ids": [...], "acc": "0110...", "acc_norm": "..."}``; empty for records without them."""
+    out: dict[str, dict[str, Any]] = {}
+    _flatten("", metrics or {}, {}, out)
     return out
 
 
@@ -244,8 +267,11 @@ def _row(rec: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     }
     for name, secs in (rec.get("timings_s") or {}).items():
         row[f"time_{name}_s"] = secs
-    metrics = flatten_metrics(rec.get("metrics"))
+    metrics: dict[str, Any] = {}
+    per_doc: dict[str, Any] = {}
+    _flatten("", rec.get("metrics") or {}, metrics, per_doc)
     row.update(metrics)
+    row["per_doc"] = per_doc or None
     # A record is "limited" if the run or any evaluation inside it used lm-eval --limit.
     row["limited"] = row["limit"] is not None or any(
         k.endswith(".limit") and v is not None for k, v in metrics.items()

@@ -7,6 +7,7 @@ agree on fonts, sizes and, above all, on the colour and marker of each method (s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Iterator, Mapping
@@ -139,9 +140,14 @@ def method_style(name: str) -> MethodStyle:
 
     A variant ``"parent+suffix"`` keeps its parent's colour (the family is recognisable) and gets
     a hashed marker and a dashed/dotted line; an unknown method gets a hashed colour and marker.
+    A method with options (``"asvd[...]"``) is drawn as the method without them, with a
+    dash-dotted line so that both stay apart when a figure shows both.
     """
     if name in METHOD_STYLES:
         return METHOD_STYLES[name]
+    base = name.partition("[")[0]
+    if base != name:
+        return dataclasses.replace(method_style(base), linestyle="-.", label=method_display_name(name))
     digest = _digest(name)
     parent, _, variant = name.partition("+")
     marker = _FALLBACK_MARKERS[digest % len(_FALLBACK_MARKERS)]

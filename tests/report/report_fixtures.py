@@ -221,3 +221,46 @@ def write_store(directory: Path, records: list[dict[str, Any]]) -> Path:
     for rec in records:
         (directory / f"{rec['run_key']}.json").write_text(json.dumps(rec, indent=1))
     return directory
+
+
+def zeroshot_record(
+    method: str, ratio: float, seed: int = 0, *, bits: dict[str, str], every: int | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """A zero-shot-only record, as a separate ``--eval zeroshot`` run writes it, with per-document data.
+
+    ``bits``: task -> one '0'/'1' per document of the task's reported metric (``TASK_METRIC``, or
+    ``acc_norm`` for other tasks); the task's value is their mean and the average the mean of the
+    values. ``every``: the subset protocol ``:every{k}`` (documents 0, k, 2k, ...).
+    """
+    rec = make_record(method, ratio, seed, **overrides)
+    step = every or 1
+    tasks = {}
+    for task, b in bits.items():
+        metric = TASK_METRIC.get(task, "acc_norm")
+        value = sum(c == "1" for c in b) / len(b)
+        tasks[task] = {
+            "acc": value, "acc_stderr": 0.01, "acc_norm": value, "acc_norm_stderr": 0.01,
+            "n_docs": len(b), "n_docs_total": len(b) * step, "metric": metric, "value": value,
+            "source": "local-pack", "lm_eval_task": task, "version": 1.0,
+            "per_doc": {"doc_ids": [i * step for i in range(len(b))], "acc": b, "acc_norm": b},
+        }
+    rec["metrics"] = {
+        "zeroshot": {
+            "protocol": "zeroshot@lm-eval-0.4.13" + (f":every{every}" if every else ""),
+            "subset": {"every": every} if every else None,
+            "average": sum(t["value"] for t in tasks.values()) / len(tasks),
+            "task_set": "custom",
+            "limit": None,
+            "tasks": tasks,
+        }
+    }
+    rec["run_key"] = f"{rec['run_key']}-zs"
+    return rec
+
+
+def ppl_record(method: str, ratio: float, seed: int = 0, ppl: float = 10.0, **overrides: Any) -> dict[str, Any]:
+    """A perplexity-only record (``--eval wikitext2``) of the same cell: another file, another run key."""
+    rec = make_record(method, ratio, seed, **overrides)
+    rec["metrics"] = {"wikitext2": {**rec["metrics"]["wikitext2"], "ppl": ppl}}
+    rec["run_key"] = f"{rec['run_key']}-ppl"
+    return rec

@@ -55,3 +55,11 @@ def test_plot_command(
     assert _run([*argv, "--spectra", str(spectra_file), *one_layer, "--git-sha", "abc"]) == 0
     printed = capsys.readouterr().out.split()
     assert len(printed) == 4 and all(Path(p).exists() for p in printed)
+    # The zero-shot figure beside the perplexity one, with a chance level (not drawn on perplexities).
+    argv = ["plot", str(clean_store_dir), "--kind", "ppl-vs-ratio", "zeroshot-vs-ratio", "--chance", "0.3", "--out", str(out)]
+    assert _run(argv) == 0
+    assert [Path(p).name for p in capsys.readouterr().out.split()] == [
+        "ppl-vs-ratio_wikitext2_toy-llama.pdf", "ppl-vs-ratio_wikitext2_toy-llama.png",
+        "zeroshot-vs-ratio_average_toy-llama.pdf", "zeroshot-vs-ratio_average_toy-llama.png",
+    ]
+    assert _run([*argv[:-2], "--chance", "30", "--out", str(out)]) == 2

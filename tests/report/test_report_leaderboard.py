@@ -7,7 +7,7 @@ import pytest
 from report_fixtures import fixture_records, make_record
 
 from harness.report.leaderboard import (
-    RATIO_DEFINITION,
+    RATIO_CAPTION,
     LimitedRecordsError,
     build_leaderboard,
     render_leaderboard,
@@ -65,12 +65,12 @@ def test_bold_is_per_group_and_respects_direction(frame: pd.DataFrame) -> None:
     assert ppl["SVD-LLM+adacomp"] == "**12.90**"  # lowest perplexity wins
     assert [k for k, v in ppl.items() if v.startswith("**")] == ["SVD-LLM+adacomp"]
     assert column(text, "PTB↓")["AdaSVD"] == "**58.20**"
-    piqa = column(text, "PIQA↑")
+    piqa = column(text, "PIQA (acc_norm)↑")
     assert piqa["AdaSVD"] == "**66.00**"  # highest accuracy wins
     assert [k for k, v in piqa.items() if v.startswith("**")] == ["AdaSVD"]
     # Equal means as printed are all best (30.50 for both SVD-LLM rows); no tie mark needed.
-    assert column(text, "Openb.↑")["SVD-LLM"] == "**30.50 ± 0.71**"
-    assert column(text, "Openb.↑")["SVD-LLM+adacomp"] == "**30.50**"
+    assert column(text, "Openb. (acc_norm)↑")["SVD-LLM"] == "**30.50 ± 0.71**"
+    assert column(text, "Openb. (acc_norm)↑")["SVD-LLM+adacomp"] == "**30.50**"
     # The dense row has the best numbers of all but is never bold.
     dense = md_rows(text)[0]
     assert dense[3] == "5.68" and not any("**" in c for c in dense)
@@ -81,9 +81,11 @@ def test_bold_is_per_group_and_respects_direction(frame: pd.DataFrame) -> None:
 def test_number_formats_and_caption(frame: pd.DataFrame) -> None:
     text = render_leaderboard(frame, "md")
     assert "39,661.03" in text and "20,061.46" in text  # thousands separators, 2 decimals
-    assert md_rows(text)[0][md_header(text).index("PIQA↑")] == "79.16"  # accuracy as %
+    assert md_rows(text)[0][md_header(text).index("PIQA (acc_norm)↑")] == "79.16"  # accuracy as %
+    assert "WinoG. (acc)↑" in md_header(text)  # each task names the metric it reports
     assert "Average↑" in md_header(text)
-    assert RATIO_DEFINITION in text and "toy-llama" in text
+    assert f"**toy-llama**: {RATIO_CAPTION}." in text  # a short caption; rules and marks are notes beneath
+    assert text.index("| Ratio") < text.index("- Bold: best per ratio group")
     assert "wikitext2@2048" in text and "zeroshot@lm-eval-0.4.13" in text
     # Mean over seeds 13.11 / 13.31 ± their sample standard deviation 0.1414.
     assert column(text, "WikiText-2↓")["SVD-LLM"] == "13.21 ± 0.14"
@@ -94,7 +96,10 @@ def test_latex_booktabs_multirow_bold_and_escaping(frame: pd.DataFrame) -> None:
     tex = render_leaderboard(records_to_frame(recs), "latex")
     for token in ("\\toprule", "\\midrule", "\\bottomrule", "\\multirow{2}{*}{20\\%}", "\\textbf{"):
         assert token in tex
-    assert "my\\_method\\&co" in tex and "ARC\\_e$\\uparrow$" in tex and "WikiText-2$\\downarrow$" in tex
+    assert "my\\_method\\&co" in tex and "ARC\\_e (acc\\_norm)$\\uparrow$" in tex and "WikiText-2$\\downarrow$" in tex
+    # Papers' booktabs layout: no vertical rules, perplexities and accuracies under spanning headers.
+    assert "\\begin{tabular}{llrrrrrrrrrr}" in tex
+    assert "\\multicolumn{2}{c}{Perplexity}" in tex and "\\cmidrule(lr){4-5}\\cmidrule(lr){6-12}" in tex
     full = render_leaderboard(frame, "latex")
     assert "\\multirow{5}{*}{40\\%}" in full and "\\textbf{12.90}" in full and "39,661.03" in full
 
@@ -134,7 +139,7 @@ def test_one_table_per_model_and_model_selection(frame: pd.DataFrame) -> None:
 
 def test_metric_selection_and_unknown_metric(frame: pd.DataFrame) -> None:
     text = render_leaderboard(frame, "md", metrics=["wikitext2", "piqa", "average"])
-    assert md_header(text) == ["Ratio", "Method", "n", "WikiText-2↓", "PIQA↑", "Average↑"]
+    assert md_header(text) == ["Ratio", "Method", "n", "WikiText-2↓", "PIQA (acc_norm)↑", "Average↑"]
     with pytest.raises(UnknownMetricError, match="Did you mean"):
         render_leaderboard(frame, "md", metrics=["hellaswg"])
 

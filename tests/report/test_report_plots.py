@@ -131,3 +131,33 @@ def test_projection_panels_follow_architecture_order():
     assert sorted(kinds, key=_kind_rank) == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
                                             "custom.thing"]
+
+
+def test_zeroshot_figure_has_dense_chance_and_footnoted_labels(tmp_path: Path) -> None:
+    from report_fixtures import make_record
+
+    from harness.report.metrics import resolve_metric
+    from harness.report.plots import CHANCE_STYLE, _metric_vs_ratio
+    from harness.report.store import records_to_frame
+
+    method = "asvd[asvd-sensitivity.n_sequences=1,asvd-sensitivity.step=0.2]"
+    recs = [make_record("dense", 0.0)]
+    recs += [make_record(m, r, s) for m in ("svd-llm", method) for r in (0.2, 0.4) for s in (0, 1)]
+    frame = records_to_frame(recs)
+    fig = _metric_vs_ratio(frame, "toy-llama", resolve_metric("average"), "acc", log_y=False, chance=0.3)
+    lines = {ln.get_label(): ln for ln in fig.axes[0].lines}
+    assert list(lines["Chance"].get_ydata()) == pytest.approx([30.0, 30.0])
+    assert lines["Chance"].get_linestyle() == ":" and CHANCE_STYLE["linestyle"] == ":"
+    assert list(lines["Original"].get_ydata())[0] == pytest.approx(100 * sum([0.442, 0.7626, 0.4625, 0.6993, 0.76, 0.7916]) / 6)
+    assert "ASVD¹" in lines and "SVD-LLM" in lines  # the table's display names and footnote marks
+    assert lines["ASVD¹"].get_color() == method_style("asvd").color  # the method's colour, another line style
+    assert lines["ASVD¹"].get_linestyle() != method_style("asvd").linestyle
+    (_, png) = plot(frame, "zeroshot-vs-ratio", tmp_path, git_sha=SHA, chance=0.3)
+    assert png.name == "zeroshot-vs-ratio_average_toy-llama.png"
+    with Image.open(png) as im:
+        assert im.text["chance"] == "0.3" and im.text["protocol"] == "zeroshot@lm-eval-0.4.13"
+        assert im.text["methods"] == f"¹ {method}"
+    with pytest.raises(ValueError, match="fraction in"):
+        plot(frame, "zeroshot-vs-ratio", tmp_path, git_sha=SHA, chance=30)
+    with pytest.raises(ValueError, match="needs an accuracy figure"):
+        plot(frame, "ppl-vs-ratio", tmp_path, git_sha=SHA, chance=0.3)
