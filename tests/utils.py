@@ -21,6 +21,13 @@ FAMILY_CONFIGS = {
                               max_position_embeddings=128, word_embed_proj_dim=64)),
     "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                                        max_position_embeddings=128)),
+    # Blocks that do not all receive the same arguments: each attention type (a sliding window of 8
+    # with a local rotary base, or global attention) gets its own mask and rotary table from the
+    # model's loop. QK-norm, tied embeddings. head_dim * heads = hidden, as in the other tiny families.
+    "gemma3": ("Gemma3TextConfig", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                        max_position_embeddings=128, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
 }
 
 

@@ -28,7 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from harness.engine.capture import BlockStandIn, capture_block_inputs, outside_blocks_on, run_block
+from harness.engine.capture import (
+    BlockStandIn,
+    call_block,
+    capture_block_inputs,
+    outside_blocks_on,
+    run_block,
+)
 from harness.engine.models import Layout
 
 log = logging.getLogger(__name__)
@@ -90,9 +96,9 @@ def streamed_logits(model: nn.Module, layout: Layout, device: torch.device) -> C
             block.to(device)
             for batch in captured:
                 if i == last:  # keep the block's own output structure for the head pass
-                    finals.append(block(batch.hidden, *batch.args, **batch.kwargs))
+                    finals.append(call_block(block, batch, i))
                 else:
-                    batch.hidden = run_block(block, batch)
+                    batch.hidden = run_block(block, batch, i)
             block.to(home)
         cursor = [0]
         originals = list(layout.blocks)

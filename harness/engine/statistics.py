@@ -36,7 +36,8 @@ class CalibrationStatistics:
     Args:
         model: The dense model.
         layout: Its layout.
-        batches: Returns fresh block-0 inputs of the calibration windows (on ``device``).
+        batches: Returns fresh block inputs of the calibration windows (on ``device``; see
+            :func:`harness.engine.capture.capture_block_inputs`).
         device: The compute device.
         store: The store of this (model, dtype, calibration) identity.
         identity: JSON-able identity written into every index (model hash, dtype, token hash).

@@ -100,7 +100,7 @@ def stream_blocks(
     Args:
         model: The model; blocks are moved to ``device`` one at a time and back.
         layout: Its layout.
-        batches: Inputs of block 0 (:func:`harness.engine.capture.capture_block_inputs`); consumed:
+        batches: Inputs of the blocks (:func:`harness.engine.capture.capture_block_inputs`); consumed:
             their hidden states are replaced block by block.
         device: Where each block runs and statistics accumulate.
         statistics: What to accumulate in this pass (dense-stream and paired; the paired stream runs
@@ -129,20 +129,20 @@ def stream_blocks(
         outs = []
         for j, batch in enumerate(batches):
             collector.begin(j, "dense", batch.hidden.shape[0], batch.mask)
-            out = run_block(block, batch)
+            out = run_block(block, batch, i)
             collector.block_io(batch.hidden, out)
             collector.end_dense()
             outs.append(out)
             if paired:
                 collector.begin(j, "hat", batch.hidden.shape[0], batch.mask)
-                run_block(block, batch, hats[j])
+                run_block(block, batch, i, hats[j])
         if report.product is None and collector.product is not None:
             report.product, report.product_errors = collector.product, collector.product_errors
         fresh, block_results, groups = collector.finish()
         loaded_linear, loaded_block = load(i) if load is not None else ({}, {})
         on_block(BlockStatistics(i, _merge(fresh, loaded_linear), {**loaded_block, **block_results}, groups))
         if paired:
-            hats = [run_block(block, b, h) for b, h in zip(batches, hats, strict=True)]
+            hats = [run_block(block, b, i, h) for b, h in zip(batches, hats, strict=True)]
         for batch, out in zip(batches, outs, strict=True):
             batch.hidden = out
         block.to(home)

@@ -186,7 +186,7 @@ def test_session_statistics_are_held_one_block_at_a_time(tiny_llama, tmp_path, m
     assert torch.is_tensor(real(0, parse_method("svd-llm").statistics())[0]["model.layers.0.mlp.down_proj"].gram)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt_neox", "gemma3"])
 def test_streamed_evaluation_equals_resident(family, tmp_path, monkeypatch):
     """Evaluation with blocks streamed through the device (the path of a model larger than the
     device, forced here on the CPU) gives the resident model's perplexity."""

@@ -162,7 +162,7 @@ def test_column_preserving_round_trip(tiny_llama: Path, tmp_path: Path):
         assert (loaded(input_ids=IDS).logits - ref).abs().max().item() == 0.0
 
 
-@pytest.mark.parametrize("family", ["opt", "qwen2", "gpt_neox", "mistral"])
+@pytest.mark.parametrize("family", ["opt", "qwen2", "gpt_neox", "mistral", "gemma3"])
 def test_families_round_trip(family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Tied embeddings (OPT, Qwen2) are stored once and tied again; other block layouts load."""
     monkeypatch.setenv("SVDBENCH_CACHE", str(tmp_path / "cache"))

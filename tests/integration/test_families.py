@@ -13,7 +13,7 @@ from tests.utils import DATA, make_tiny_model_dir
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "gpt_neox"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "opt", "gpt_neox", "gemma3"])
 def test_family_end_to_end(family, tmp_path):
     model_dir = make_tiny_model_dir(family, tmp_path / family)
     results = tmp_path / "results"
