@@ -4,7 +4,8 @@
 
 1. ``svdbench sweep benchmarks/reference_leaderboard.yaml results=<results>`` (resumable: only the
    missing cells run; extra ``key=value`` overrides are passed through, e.g. ``ratios=[0.4]``),
-2. ``svdbench leaderboard <results> --output <results>/leaderboard.md``,
+2. ``svdbench leaderboard <results>`` as ``leaderboard.md``, ``.tex`` and ``.csv`` in ``<results>`` and
+   the HTML site in ``<results>/site``,
 3. ``svdbench plot <results> --kind ppl-vs-ratio rank-allocation --out <figures>`` (PDF + PNG), with
    ``zeroshot-vs-ratio`` (average zero-shot accuracy) too when the sweep evaluates ``zeroshot``.
 
@@ -56,14 +57,12 @@ def make_reference_results(results: str | Path = "results/reference", figures: s
         if code == 2:
             return code
     name = Path(spec).stem.replace("_", "-")
-    # Perplexity sweeps plot perplexity (and the zero-shot average beside it when the sweep has it);
-    # others (an encoder's embed-fidelity) their first metric.
-    evals = load_spec(spec, overrides).evals
-    perplexity = bool(set(evals) & set(PERPLEXITY_PROTOCOLS))
-    kinds = (["ppl-vs-ratio"] + (["zeroshot-vs-ratio"] if "zeroshot" in evals else [])) if perplexity else ["metric-vs-ratio"]
-    metric = [] if perplexity else ["--metric", evals[0]]
+    kinds, metric = _figure_kinds(results, load_spec(spec, overrides).evals)
     steps = [
         ["leaderboard", str(results), "--format", "md", "--output", str(Path(results) / "leaderboard.md")],
+        ["leaderboard", str(results), "--format", "latex", "--output", str(Path(results) / "leaderboard.tex")],
+        ["leaderboard", str(results), "--format", "csv", "--output", str(Path(results) / "leaderboard.csv")],
+        ["leaderboard", str(results), "--format", "html", "--out", str(Path(results) / "site")],
         ["plot", str(results), "--kind", *kinds, "rank-allocation", *metric, "--out", str(figures), "--sweep-id", name],
     ]
     for step in steps:
@@ -71,6 +70,23 @@ def make_reference_results(results: str | Path = "results/reference", figures: s
             log.error("svdbench %s failed", " ".join(step))
             return 2
     return code
+
+
+def _figure_kinds(results: str | Path, evals: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Figure kinds (and ``--metric`` flags) for what the results folder holds, not only this spec.
+
+    A perplexity sweep and a zero-shot sweep share one folder (the two halves of the main table), so
+    the perplexity figure is drawn when any record has a perplexity and the zero-shot-average figure
+    when any has zero-shot; an encoder's folder gets its first metric against the ratio.
+    """
+    from harness.report.store import load_store
+
+    columns = set(load_store(results).columns)
+    kinds = [kind for kind, present in (
+        ("ppl-vs-ratio", any(f"{p}.ppl" in columns for p in PERPLEXITY_PROTOCOLS)),
+        ("zeroshot-vs-ratio", "zeroshot.average" in columns),
+    ) if present]
+    return (kinds, []) if kinds else (["metric-vs-ratio"], ["--metric", evals[0]])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,7 +38,7 @@ def _eval_option(text: str) -> tuple[str, str, object]:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Model, calibration, device and seed flags (shared by run and spectra)."""
-    p.add_argument("--model", required=True, help="hub id, local directory (save_pretrained layout) or alias (minilm-l6)")
+    p.add_argument("--model", required=True, help="hub id, local directory (save_pretrained layout) or alias (smollm2-135m, gemma3-270m, minilm-l6)")
     p.add_argument("--calib", default="wikitext2", help="wikitext2 (train split, online) or file:PATH (plain text)")
     p.add_argument("--calib-samples", type=int, default=256)
     p.add_argument("--calib-seqlen", type=int, default=None, help="default: min(2048, model max positions)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.engine.packaged import PACKAGED, packaged_identity, resolve_packaged
+from harness.engine.packaged import PACKAGED, packaged_identity, packaged_tensor_types, resolve_packaged
 from methods import ModuleInfo
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def resolve_model_path(model_id: str) -> str:
-    """Map an alias (``minilm-l6``, ``smollm2-135m``) to its local directory; pass ids and paths through.
+    """Map an alias (``minilm-l6``, ``smollm2-135m``, ``gemma3-270m``) to its local directory; pass ids and paths through.
 
     Raises:
         FileNotFoundError: for an alias whose package is not installed (names the pip command), or
@@ -192,9 +192,10 @@ def fingerprint(model_id: str, full_hash_limit: int = 2 << 30) -> dict[str, obje
 
     Files up to ``full_hash_limit`` bytes in total are hashed whole; above that, each file's size
     plus its first and last 16 MiB (fast on 7B checkpoints, still changes with any retraining).
-    A packaged GGUF model (``smollm2-135m``) is identified by its source file and conversion recipe
-    instead, the same on every machine (:func:`harness.engine.packaged.packaged_identity`); the
-    converted files' hash is kept as ``weights_hash``.
+    A packaged GGUF model (``smollm2-135m``, ``gemma3-270m``) is identified by its source file and
+    conversion recipe instead, the same on every machine (:func:`harness.engine.packaged.packaged_identity`);
+    the converted files' hash is kept as ``weights_hash``, and the source's tensors per GGUF type as
+    ``gguf_tensor_types`` (outside the run key: they follow from the source file).
     """
     path = Path(resolve_model_path(model_id))
     name = model_id if model_id in MODEL_ALIASES else (path.name if path.exists() else model_id.split("/")[-1])
@@ -225,6 +226,7 @@ def fingerprint(model_id: str, full_hash_limit: int = 2 << 30) -> dict[str, obje
     if source is not None:  # a converted GGUF model: its identity is the source file (packaged_identity)
         info["weights_hash"] = info["content_hash"]
         info["content_hash"] = source
+        info["gguf_tensor_types"] = packaged_tensor_types(model_id)
     return info
 
 
