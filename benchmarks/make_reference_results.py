@@ -22,6 +22,8 @@ from pathlib import Path
 
 from harness.cli import main as svdbench
 from harness.evaluations.perplexity import PROTOCOLS as PERPLEXITY_PROTOCOLS
+from harness.evaluations.zeroshot import TASK_KEY
+from harness.evaluations.zeroshot_tasks import chance_average
 from harness.sweep.spec import load_spec
 
 log = logging.getLogger("benchmarks.make_reference_results")
@@ -57,13 +59,13 @@ def make_reference_results(results: str | Path = "results/reference", figures: s
         if code == 2:
             return code
     name = Path(spec).stem.replace("_", "-")
-    kinds, metric = _figure_kinds(results, load_spec(spec, overrides).evals)
+    kinds, plot_flags = _figure_kinds(results, load_spec(spec, overrides).evals)
     steps = [
         ["leaderboard", str(results), "--format", "md", "--output", str(Path(results) / "leaderboard.md")],
         ["leaderboard", str(results), "--format", "latex", "--output", str(Path(results) / "leaderboard.tex")],
         ["leaderboard", str(results), "--format", "csv", "--output", str(Path(results) / "leaderboard.csv")],
         ["leaderboard", str(results), "--format", "html", "--out", str(Path(results) / "site")],
-        ["plot", str(results), "--kind", *kinds, "rank-allocation", *metric, "--out", str(figures), "--sweep-id", name],
+        ["plot", str(results), "--kind", *kinds, "rank-allocation", *plot_flags, "--out", str(figures), "--sweep-id", name],
     ]
     for step in steps:
         if svdbench(step) != 0:
@@ -73,11 +75,13 @@ def make_reference_results(results: str | Path = "results/reference", figures: s
 
 
 def _figure_kinds(results: str | Path, evals: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Figure kinds (and ``--metric`` flags) for what the results folder holds, not only this spec.
+    """Figure kinds and their flags (``--metric``, ``--chance``) for what the results folder holds, not
+    only this spec.
 
     A perplexity sweep and a zero-shot sweep share one folder (the two halves of the main table), so
     the perplexity figure is drawn when any record has a perplexity and the zero-shot-average figure
-    when any has zero-shot; an encoder's folder gets its first metric against the ratio.
+    when any has zero-shot, with the task set's chance level as a line; an encoder's folder gets its
+    first metric against the ratio.
     """
     from harness.report.store import load_store
 
@@ -86,7 +90,11 @@ def _figure_kinds(results: str | Path, evals: Sequence[str]) -> tuple[list[str],
         ("ppl-vs-ratio", any(f"{p}.ppl" in columns for p in PERPLEXITY_PROTOCOLS)),
         ("zeroshot-vs-ratio", "zeroshot.average" in columns),
     ) if present]
-    return (kinds, []) if kinds else (["metric-vs-ratio"], ["--metric", evals[0]])
+    if not kinds:
+        return ["metric-vs-ratio"], ["--metric", evals[0]]
+    tasks = sorted(m.group(1) for c in columns if (m := TASK_KEY.match(c)) and m.group(2) == "value")
+    chance = chance_average(tasks) if "zeroshot-vs-ratio" in kinds else None
+    return kinds, [] if chance is None else ["--chance", f"{chance:g}"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

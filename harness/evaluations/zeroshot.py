@@ -456,6 +456,7 @@ TASK_LABELS: dict[str, str] = {
     "arc_challenge": "ARC_c",
     "winogrande": "WinoG.",
     "hellaswag": "HellaS.",
+    "hellaswag_approx": "HellaS.≈",
     "piqa": "PIQA",
     "mathqa": "MathQA",
     "boolq": "BoolQ",

@@ -67,6 +67,20 @@ TASK_SETS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_TASK_SET = {SOURCE_LOCAL: "offline-default", SOURCE_HUB: "svd-paper"}
 
+CHANCE_ACCURACY: dict[str, float] = {
+    "piqa": 1 / 2, "boolq": 1 / 2, "winogrande": 1 / 2,
+    "openbookqa": 1 / 4, "hellaswag": 1 / 4, "hellaswag_approx": 1 / 4,
+}
+"""Accuracy of a uniform random guess for tasks with a fixed number of choices (ARC and MathQA vary)."""
+
+
+def chance_average(tasks: Sequence[str]) -> float | None:
+    """The unweighted mean of the tasks' chance accuracies (the average column's floor), or None when a
+    task's number of choices is not fixed."""
+    if not tasks or any(t not in CHANCE_ACCURACY for t in tasks):
+        return None
+    return sum(CHANCE_ACCURACY[t] for t in tasks) / len(tasks)
+
 _TRUE = {"1", "true", "yes", "on"}
 
 
