@@ -155,7 +155,9 @@ def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Ten
     return groups
 
 
-def _readable(root: Path) -> None:
+def follow_umask(root: Path) -> None:
+    """Give the files directly in ``root`` the mode the umask allows (safetensors and atomic writers
+    create theirs 0600, which a group-shared cache or export could not be read from)."""
     umask = os.umask(0)
     os.umask(umask)
     for p in root.iterdir():
@@ -219,7 +221,7 @@ def export_model(
             # One metadata entry only: safetensors writes a map's entries in hash order, and the
             # bytes (hence the checksums) of an export of the same model must not change.
             save_file(group, str(tmp / fname), metadata={"format": "pt"})
-        _readable(tmp)  # safetensors creates its files 0600; a shared export follows the umask
+        follow_umask(tmp)  # safetensors creates its files 0600; a shared export follows the umask
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

@@ -43,7 +43,7 @@ from torch import nn
 
 from harness.cache import read_checked_json, write_checked_json
 from harness.engine.models import set_module
-from harness.export import ExportError, build_module, module_specs, sha256_file, unique_tensors
+from harness.export import ExportError, build_module, follow_umask, module_specs, sha256_file, unique_tensors
 
 __all__ = ["CompressionStore", "StoredCompressionError", "StoredEntry"]
 
@@ -158,6 +158,7 @@ class CompressionStore:
                 "created": time.time(),
             })
             (tmp / LAST_USED).touch()
+            follow_umask(tmp)
             try:
                 os.rename(tmp, target)  # atomic; fails when another process stored the key first
             except OSError:

@@ -60,3 +60,11 @@ def test_embed_fidelity_text_set_is_an_option_named_in_the_protocol_id() -> None
     for bad in (0, -3, "many", 2.5):
         with pytest.raises(ValueError, match="embed-fidelity.n_texts must be a positive integer"):
             preflight(["embed-fidelity"], encoder=True, options={"embed-fidelity": {"n_texts": bad}})
+
+
+def test_chance_average_of_the_offline_task_set() -> None:
+    from harness.evaluations.zeroshot_tasks import TASK_SETS, chance_average
+
+    assert chance_average(TASK_SETS["offline-default"]) == pytest.approx((3 * 0.5 + 2 * 0.25) / 5)
+    assert chance_average(["piqa", "arc_easy"]) is None  # ARC's number of choices varies
+    assert chance_average([]) is None
