@@ -26,6 +26,7 @@ from harness.records import (
     provenance,
     read_record,
     record_header,
+    run_key,
     write_json_atomic,
 )
 from harness.runs.compressions import StoredCompressionError
@@ -112,7 +113,9 @@ def run_cell(session: Session, method_name: str, ratio: float) -> Path:
     except Exception:
         write_json_atomic(path, failed_record(header, traceback.format_exc()))
         raise
-    compression = _compression_block(session, cell)
+    # What the record says about the compression: kept by the store, or computed here (and stored).
+    fields = cell.stored["record"] if cell.stored is not None else _compression_record(session, cell)
+    compression = _compression_block(session, cell, fields)
     try:
         evaluated = session.evaluate()
         if cfg.export:
@@ -122,7 +125,6 @@ def run_cell(session: Session, method_name: str, ratio: float) -> Path:
         raise
     finally:
         session.restore(cell)
-    fields = cell.stored["record"] if cell.stored is not None else _compression_record(session, cell)
     if cell.stored is not None:
         # Nothing was computed here: no statistics pass, no probe, no factorization.
         timings = {"load": session.load_s, "statistics": 0.0, "compress": 0.0, "load_compression": cell.seconds,
@@ -158,14 +160,15 @@ def _compression_record(session: Session, cell: CompressedCell) -> dict[str, Any
     }
 
 
-def _compression_block(session: Session, cell: CompressedCell) -> dict[str, Any]:
+def _compression_block(session: Session, cell: CompressedCell, fields: dict[str, Any]) -> dict[str, Any]:
     """The record's ``compression`` block: the compression key, where the compressed model came from
     (``computed`` here, or installed from the ``store``), and whether it is stored now.
 
     A compression computed here is written to the store (when there is one) before it is evaluated;
     a store that cannot take it is reported in the block and the log, and the cell still evaluates.
     """
-    key = session.compression_key(cell.method, cell.ratio)
+    key_fields = session.compression_fields(cell.method, cell.ratio)
+    key = run_key(key_fields)
     if cell.stored is not None:
         return {"key": key, "source": "store", "store": str(session.store.root) if session.store else None,
                 "stored_at": cell.stored.get("created"), "original_timings_s": cell.stored["record"]["timings_s"]}
@@ -173,7 +176,7 @@ def _compression_block(session: Session, cell: CompressedCell) -> dict[str, Any]
     if session.store is not None:
         try:
             session.store.save(key, session.model, [name for name, _ in cell.result.undo],
-                               session.compression_fields(cell.method, cell.ratio), _compression_record(session, cell))
+                               key_fields, fields)
             block.update(stored=True, store=str(session.store.root))
         except (OSError, StoredCompressionError) as exc:
             log.error("could not store compression %s in %s: %s", key, session.store.root, exc)
