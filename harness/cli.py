@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -123,7 +124,14 @@ def _cmd_spectra(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     from methods import METHODS
     from methods.components import STAGES
+    from methods.describe import describe_method, format_method
 
+    if args.name:
+        if args.json:
+            print(json.dumps([c.to_json() for c in describe_method(args.name)], indent=2, default=str))
+        else:
+            print(format_method(args.name))
+        return 0
     for name, parts in METHODS.items():
         print(f"{name:<12} " + " + ".join(f"{st}={comp}" for st, (comp, _) in parts.items()))
     print()
@@ -184,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gb", type=float, default=None, help="prune: least recently used until the store is this small")
     p.add_argument("--all", action="store_true", help="prune: every entry")
     p.set_defaults(func=_cmd_compressions)
-    p = sub.add_parser("methods", help="list registered methods and components")
+    p = sub.add_parser("methods", help="list registered methods and components; with NAME, a method's options")
+    p.add_argument("name", nargs="?", help="a registered method: print its components, every option with its "
+                                            "default, allowed values and description")
+    p.add_argument("--json", action="store_true", help="with NAME: the same as JSON")
     p.set_defaults(func=_cmd_methods)
     p = sub.add_parser("demo", help="offline end-to-end run on SmolLM2-135M (or a tiny reference model); needs SVDBENCH_DATA")
     p.add_argument("--results", default="results/demo")

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from methods._linalg import Whitening, truncated_svd, whitened_truncate, whitening
-from methods.components import LinearStats, register
+from methods.components import LinearStats, check_choices, register
 from methods.lowrank import Factorization
 from methods.stack_of_batch import StackedGrams
 from methods.statistics import CompressedPrefixGrams, Statistic
@@ -312,6 +312,8 @@ class AdaCompRefiner:
     """
 
     name: ClassVar[str] = "adacomp"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"init": INITS, "inputs": INPUTS, "target": TARGETS,
+                                                     "shrinkage": SHRINKAGE}
     iters: int = 1
     init: str = "factorizer"
     inputs: str = "compressed"
@@ -321,10 +323,7 @@ class AdaCompRefiner:
     ridge: float = 1e-10
 
     def __post_init__(self) -> None:
-        for value, allowed, what in ((self.init, INITS, "init"), (self.inputs, INPUTS, "inputs"),
-                                     (self.target, TARGETS, "target"), (self.shrinkage, SHRINKAGE, "shrinkage")):
-            if value not in allowed:
-                raise ValueError(f"adacomp.{what} must be one of {allowed}, got {value!r}")
+        check_choices(self)
         _as_int(self.iters, "iters", 0)
         if _as_int(self.stack_of_batch, "stack_of_batch", 0) == 1:
             raise ValueError("adacomp.stack_of_batch must be 0 (off) or an integer >= 2, got 1")

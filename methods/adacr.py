@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from methods.block_similarity import BlockCosine
-from methods.components import AllocationContext, register
+from methods.components import AllocationContext, check_choices, register
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class AdaCRAllocator:
     """
 
     name: ClassVar[str] = "adacr"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"importance": IMPORTANCES}
     uses_calibration: ClassVar[bool] = True  # reads every block's cosine before allocating
     mrr_delta: float = 0.1
     mrr: float | None = None
@@ -139,8 +140,7 @@ class AdaCRAllocator:
     def __post_init__(self) -> None:
         if not 0.0 < self.min_keep <= self.max_keep <= 1.0:
             raise ValueError(f"adacr needs 0 < min_keep <= max_keep <= 1, got {self.min_keep}, {self.max_keep}")
-        if self.importance not in IMPORTANCES:
-            raise ValueError(f"adacr.importance must be one of {IMPORTANCES}, got {self.importance!r}")
+        check_choices(self)
 
     def statistics(self) -> tuple[BlockCosine, ...]:
         return (BlockCosine(),)

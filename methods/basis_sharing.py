@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from methods._linalg import Whitening, top_svd, whitened_truncate, whitening
-from methods.components import LinearStats, ModuleInfo, register
+from methods.components import LinearStats, ModuleInfo, check_choices, register
 from methods.lowrank import Factorization
 from methods.method import rank_for, register_method
 from methods.shared_basis import SharedBasis, SharedBasisFactorization
@@ -84,13 +84,15 @@ class BasisSharingFactorizer:
     """
 
     name: ClassVar[str] = "basis-sharing"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"refit": REFITS}
     group_size: int = 2
     shared: str = DEFAULT_SHARED
     refit: str = "none"
 
     def __post_init__(self) -> None:
-        if self.group_size < 1 or self.refit not in REFITS:
-            raise ValueError(f"basis-sharing needs group_size >= 1 and refit in {REFITS}")
+        check_choices(self)
+        if self.group_size < 1:
+            raise ValueError(f"basis-sharing.group_size must be >= 1, got {self.group_size}")
 
     @property
     def block_group(self) -> int:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from methods._linalg import EIG_FLOOR, Whitening, whitened_truncate, whitening
-from methods.components import LinearStats, register
+from methods.components import LinearStats, check_choices, register
 from methods.lowrank import Factorization, LowRankLinear
 
 log = logging.getLogger(__name__)
@@ -320,6 +320,8 @@ class ColumnPreservingFactorizer:
     """
 
     name: ClassVar[str] = "column-preserving"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"search": ("bracketed", "golden", "exhaustive"),
+                                                     "columns": ("exact", "refit")}
     search: str = "bracketed"
     min_gain: float = 0.0
     columns: str = "exact"
@@ -327,10 +329,7 @@ class ColumnPreservingFactorizer:
     grid: int = 8
 
     def __post_init__(self) -> None:
-        if self.search not in {"bracketed", "golden", "exhaustive"}:
-            raise ValueError(f"search must be bracketed, golden or exhaustive, got {self.search!r}")
-        if self.columns not in {"exact", "refit"}:
-            raise ValueError(f"columns must be exact or refit, got {self.columns!r}")
+        check_choices(self)
         if not 0.0 <= self.min_gain < 1.0 or not 0.0 <= self.max_trade <= 1.0 or self.grid < 2:
             raise ValueError("need 0 <= min_gain < 1, 0 <= max_trade <= 1 and grid >= 2")
 

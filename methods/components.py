@@ -235,6 +235,22 @@ def build_component(stage: str, name: str, options: dict[str, Any] | None = None
         raise ValueError(f"bad options for {stage} {name!r}: {exc}") from exc
 
 
+def check_choices(component: Any) -> None:
+    """Refuse a string option outside its component's declared ``choices`` (``{option: allowed}``).
+
+    Components call it from ``__post_init__``; the same declaration is what ``svdbench methods NAME``
+    prints as the allowed values, so the check and the listing cannot drift apart.
+
+    Raises:
+        ValueError: naming the component, the option, the allowed values and the closest one.
+    """
+    for option, allowed in getattr(component, "choices", {}).items():
+        value = getattr(component, option)
+        if value not in allowed:
+            raise ValueError(f"{component.name}.{option} must be one of {', '.join(map(str, allowed))}, "
+                             f"got {value!r}.{did_you_mean(str(value), [str(a) for a in allowed])}")
+
+
 def component_config(component: Any) -> dict[str, Any]:
     """JSON-able ``{"name": ..., **options}`` of a component (the record's method config)."""
     return {"name": component.name, **dataclasses.asdict(component)}

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from methods._linalg import diag_scaled_truncate
-from methods.components import LinearStats, register
+from methods.components import LinearStats, check_choices, register
 from methods.fisher import SquaredGradients
 from methods.lowrank import Factorization
 from methods.method import register_method
@@ -67,11 +67,11 @@ class FisherWeightedFactorizer:
     """
 
     name: ClassVar[str] = "fisher-weighted"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"axis": AXES}
     axis: str = "rows"
 
     def __post_init__(self) -> None:
-        if self.axis not in AXES:
-            raise ValueError(f"fisher-weighted.axis must be one of {AXES}, got {self.axis!r}")
+        check_choices(self)
 
     def statistics(self) -> tuple[SquaredGradients, ...]:
         return (SquaredGradients(),)

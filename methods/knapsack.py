@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from methods.components import AllocationContext, ModuleInfo, register
+from methods.components import AllocationContext, ModuleInfo, check_choices, register
 from methods.method import rank_for
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ class KLKnapsackAllocator:
     """
 
     name: ClassVar[str] = "kl-knapsack"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"solver": ("dp", "greedy"), "budget": ("uniform", "ratio")}
     probes: ClassVar[tuple[str, ...]] = (PROBE,)
     uses_calibration: ClassVar[bool] = True
     step: float = 0.1
@@ -182,8 +183,7 @@ class KLKnapsackAllocator:
     max_states: int = 100_000
 
     def __post_init__(self) -> None:
-        if self.solver not in {"dp", "greedy"} or self.budget not in {"uniform", "ratio"}:
-            raise ValueError("solver must be dp or greedy, budget uniform or ratio")
+        check_choices(self)
         if not (0.0 < self.step <= 1.0 and 0.0 < self.min_keep <= 1.0 and self.n_sequences >= 1 and self.slack >= 0):
             raise ValueError("need 0 < step <= 1, 0 < min_keep <= 1, n_sequences >= 1, slack >= 0")
 

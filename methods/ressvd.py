@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from methods._linalg import Whitening, truncated_svd, whitened_truncate, whitening
-from methods.components import LinearStats, register
+from methods.components import LinearStats, check_choices, register
 from methods.lowrank import Factorization
 from methods.method import register_method
 from methods.statistics import CompressedPrefixGrams, Statistic
@@ -126,6 +126,7 @@ class ResidualFactorizer:
     """
 
     name: ClassVar[str] = "residual"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"stage1": STAGE1, "stage2": STAGE2}
     beta: float = 0.05
     split: float | None = None
     stage1: str = "whitened"
@@ -136,10 +137,7 @@ class ResidualFactorizer:
             raise ValueError(f"residual.beta must lie in [0, 1), got {self.beta}")
         if self.split is not None and not 0.0 <= float(self.split) <= 1.0:
             raise ValueError(f"residual.split must lie in [0, 1], got {self.split}")
-        if self.stage1 not in STAGE1:
-            raise ValueError(f"residual.stage1 must be one of {STAGE1}, got {self.stage1!r}")
-        if self.stage2 not in STAGE2:
-            raise ValueError(f"residual.stage2 must be one of {STAGE2}, got {self.stage2!r}")
+        check_choices(self)
 
     @property
     def stage2_metric(self) -> str:
