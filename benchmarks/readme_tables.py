@@ -11,7 +11,7 @@ then an end marker::
     python -m benchmarks.readme_tables README.md --check   # exit 1 and name the stale blocks
 
 The command is any ``svdbench`` report subcommand that prints to standard output (``leaderboard``,
-``compare``); it runs in-process from the repository root, so its paths are relative to it.
+``compare``, ``claims``); it runs in-process from the repository root, so its paths are relative to it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ log = logging.getLogger("benchmarks.readme_tables")
 
 START = re.compile(r"^<!-- svdbench: (?P<command>(?!end -->).+?) -->\n", re.M)
 END = "<!-- svdbench: end -->"
-ALLOWED = ("leaderboard", "compare")
+ALLOWED = ("leaderboard", "compare", "claims")
 
 
 @dataclass(frozen=True)

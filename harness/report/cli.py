@@ -1,4 +1,4 @@
-"""Report subcommands (``leaderboard``, ``plot``, ``compare``) for the engine's argparse CLI.
+"""Report subcommands (``leaderboard``, ``plot``, ``compare``, ``claims``) for the engine's argparse CLI.
 
 ``leaderboard --format html --out DIR`` writes the static site (:mod:`harness.report.html`);
 ``leaderboard --agreement METRIC_A,METRIC_B`` prints how two metrics (or, with
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from harness.report.entries import LimitedRecordsError
 
-__all__ = ["add_report_subcommands", "cmd_leaderboard", "cmd_plot", "cmd_compare"]
+__all__ = ["add_report_subcommands", "cmd_leaderboard", "cmd_plot", "cmd_compare", "cmd_claims"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,25 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_claims(args: argparse.Namespace) -> int:
+    """``claims CLAIMS.yaml RESULTS``: per paper claim, metric, ratio and model, whether it holds."""
+    import pandas as pd
+
+    from harness.report.claims import check_claims, load_claims, render_claims
+    from harness.report.store import load_store
+
+    try:
+        spec = load_claims(args.claims)
+        frame = pd.concat([load_store(path) for path in args.results], ignore_index=True)
+        rows = check_claims(frame, spec)
+        text = render_claims(rows, spec.models, fmt=args.format)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return EXIT_USAGE
+    _emit(text, args.output)
+    return EXIT_OK
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """``plot RESULTS --kind K [K ...] --out DIR``: write PDF + PNG figures and list their paths."""
     from harness.report.plots import plot
@@ -195,7 +214,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_report_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``leaderboard``, ``plot`` and ``compare`` on the engine's subparsers.
+    """Register ``leaderboard``, ``plot``, ``compare`` and ``claims`` on the engine's subparsers.
 
     Each subcommand sets ``func`` (namespace -> exit code) as its default.
     """
@@ -230,6 +249,13 @@ def add_report_subcommands(subparsers: argparse._SubParsersAction) -> None:  # t
     p.add_argument("--agreement-models", metavar="MODEL_A,MODEL_B", help="--agreement: rank on these two models")
     p.add_argument("--ratio", type=float, help="--agreement: only this ratio (default: every ratio)")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = subparsers.add_parser("claims", help="which paper claims hold, per metric, ratio and model")
+    p.add_argument("claims", help="claims file (YAML: models, metrics, claims; see harness/report/claims.py)")
+    p.add_argument("results", nargs="+", help="results directories (searched recursively), one protocol per model")
+    p.add_argument("--format", choices=("md", "csv"), default="md")
+    p.add_argument("--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_claims)
 
     p = subparsers.add_parser("plot", help="paper figures (PDF + 300 dpi PNG) from a results directory")
     p.add_argument("results", help="results directory; for --kind spectra also a spectra JSON/npz file")
