@@ -189,6 +189,7 @@ def test_shipped_reference_leaderboard_spec(monkeypatch):
     ("ablations_smollm2.yaml", "reference_leaderboard.yaml"),
     ("ablations_minilm.yaml", "reference_minilm.yaml"),
     ("ablations.yaml", "reference_tiny.yaml"),
+    ("ablations_gemma3.yaml", "reference_gemma3.yaml"),
 ])
 def test_shipped_ablation_specs_parse_every_variant(monkeypatch, ablations, reference):
     monkeypatch.setenv("SVDBENCH_DATA", "/pack")
