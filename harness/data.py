@@ -93,12 +93,37 @@ def c4_validation_docs() -> list[str]:
     return list(load_dataset("allenai/c4", data_files={"validation": shard}, split="validation")["text"][:C4_DOCS])
 
 
+def _not_utf8(path: Path, exc: UnicodeDecodeError, offset: int = 0) -> ValueError:
+    return ValueError(f"calibration file {path} is not UTF-8 text: at byte offset {offset + exc.start} ({exc.object[exc.start:exc.start + 1]!r}) "
+                      f"{exc.reason}; convert it first, e.g. iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8.txt")
+
+
+def check_utf8(path: Path) -> None:
+    """Raise a :class:`ValueError` naming ``path`` and the first bad byte when it is not UTF-8 text."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes of the file before the decoder's pending bytes
+    with path.open("rb") as fh:
+        while True:
+            chunk = fh.read(1 << 20)
+            pending = decoder.getstate()[0]
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, exc, offset - len(pending)) from exc
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
 def check_calibration_source(source: str) -> None:
-    """Validate ``--calib`` cheaply (before any model is loaded)."""
+    """Validate ``--calib`` cheaply (before any model is loaded): a ``file:`` source must exist and be UTF-8 text."""
     if source.startswith("file:"):
         path = Path(source[5:]).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"calibration file not found: {path}")
+        check_utf8(path)
     elif source == "wikitext2":
         if data_dir(required=False) is not None and os.environ.get("HF_DATASETS_OFFLINE") == "1":
             raise FileNotFoundError(
@@ -113,7 +138,11 @@ def calibration_text(source: str) -> str:
     """Text of a calibration source: ``wikitext2`` (train split, rows joined by blank lines) or ``file:PATH``."""
     check_calibration_source(source)
     if source.startswith("file:"):
-        return Path(source[5:]).expanduser().read_text(encoding="utf-8")
+        path = Path(source[5:]).expanduser()
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc) from exc
     from datasets import load_dataset
 
     return "\n\n".join(load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"])

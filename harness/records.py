@@ -3,6 +3,8 @@
 The run key is a stable hash of everything that determines a cell's result (model identity, method
 config, ratio, calibration, evaluation protocols, svdbench version); the record's file name is the
 key, so a re-run finds finished cells and an interrupted sweep resumes without recomputing them.
+Each record also carries the fields its key hashes (``key_fields``) and, once written, a content
+digest: :mod:`harness.integrity` verifies both, and signs and writes records.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from harness.cache import move_aside, write_text_atomic
+from harness.files import quarantine, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,10 @@ def read_record(path: Path, repair: bool = True) -> dict[str, Any] | None:
     """The record at ``path``, or None when absent or unreadable.
 
     Records are written atomically, so one that does not parse (truncated by a full disk, edited by
-    hand) is never trusted: with ``repair`` it is moved aside (renamed, never deleted) and logged, so
-    the cell is recomputed; without it (dry runs, status views) it is only logged.
+    hand) is never trusted: with ``repair`` it is moved aside (:func:`harness.files.quarantine`: kept
+    for inspection within a bound) and logged, so the cell is recomputed; without it (dry runs,
+    status views) it is only logged. Whether a record that parses can be trusted is
+    :func:`harness.integrity.verify_record`'s question.
     """
     if not path.is_file():
         return None
@@ -69,7 +73,7 @@ def read_record(path: Path, repair: bool = True) -> dict[str, Any] | None:
         return record
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         if repair:
-            move_aside(path, f"unreadable record ({exc})")
+            quarantine(path, f"unreadable record ({exc}); the cell is recomputed")
         else:
             log.warning("unreadable record %s (%s); the cell counts as missing", path, exc)
         return None
@@ -131,10 +135,17 @@ def peak_memory_bytes(device: torch.device) -> dict[str, Any]:
 
 # -- the record builders: every record dictionary is made here --------------------------------------
 def record_header(key: str, model: Mapping[str, Any], limit: int | None, prov: Mapping[str, Any],
-                  method: Mapping[str, Any], ratio: float, calibration: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The fields every record has, whatever its status (a cell that failed before compressing too)."""
+                  method: Mapping[str, Any], ratio: float, calibration: Mapping[str, Any] | None,
+                  key_fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The fields every record has, whatever its status (a cell that failed before compressing too).
+
+    ``key_fields`` are the fields ``key`` hashes (:func:`run_key`); a record that carries them can be
+    checked against its key (:mod:`harness.integrity`).
+    """
     return {
-        "schema_version": SCHEMA_VERSION, "run_key": key, "status": "ok", "error": None,
+        "schema_version": SCHEMA_VERSION, "run_key": key,
+        **({"key_fields": dict(key_fields)} if key_fields is not None else {}),
+        "status": "ok", "error": None,
         "model": dict(model), "limit": limit, "provenance": dict(prov),
         "method": dict(method), "ratio": ratio, "calibration": None if calibration is None else dict(calibration),
     }

@@ -134,6 +134,29 @@ def resolve_model_path(model_id: str) -> str:
     return str(Path(model_id).expanduser()) if looks_local else model_id
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".msgpack", ".h5")
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files directly in a model folder (``*.safetensors``, ``*.bin``, ...)."""
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def require_weights(model_id: str) -> None:
+    """Raise when ``model_id`` is a local folder without weight files (cheap: before anything loads).
+
+    Raises:
+        FileNotFoundError: naming the folder and what it holds.
+    """
+    path = Path(resolve_model_path(model_id))
+    if path.is_dir() and not weight_files(path):
+        held = sorted(p.name for p in path.iterdir())
+        raise FileNotFoundError(
+            f"model folder {path} holds no weights (no {', '.join('*' + s for s in WEIGHT_SUFFIXES[:3])} file; "
+            f"it holds {', '.join(held[:8]) or 'nothing'}{' ...' if len(held) > 8 else ''}); save the model there with "
+            "save_pretrained, or point --model at the folder that has them")
+
+
 def read_config(model_id: str) -> object:
     """The model's config (cheap: no weights), for validating a run before loading anything."""
     from transformers import AutoConfig
@@ -173,12 +196,15 @@ def load_model(model_id: str, dtype: str = "float32") -> tuple[nn.Module, object
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(model_id)
+    require_weights(model_id)
     config = read_config(model_id)
     cls = AutoModel if is_encoder_config(config) else AutoModelForCausalLM
     try:
         model = cls.from_pretrained(path, dtype=DTYPES[dtype])
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as exc:
+        if Path(path).is_dir():  # a local folder: the hub hint would be wrong
+            raise OSError(f"could not load the model folder {path}: {exc}") from exc
         raise OSError(
             f"could not load {model_id!r}: {exc}. Offline, pass a local directory "
             "(save_pretrained layout) instead of a hub id."

@@ -5,7 +5,9 @@ calibration, seed, ``--limit``) and each metric additionally on its evaluation p
 protocol change shows up as a *missing* baseline cell rather than as a silent "regression". A
 metric is *worse* when it moved against its direction (perplexity up, accuracy/cosine down) by
 more than ``rtol`` relative to the baseline. Missing baseline cells and worse metrics fail
-(:attr:`CompareResult.exit_code` 1); better metrics and cells new in the results do not.
+(:attr:`CompareResult.exit_code` 1); better metrics and cells new in the results do not. A record of
+either store that fails verification (:mod:`harness.integrity`) is never compared: it is a
+``tampered`` row naming its file and the failed check, and it fails the comparison too.
 """
 
 from __future__ import annotations
@@ -65,13 +67,18 @@ class CompareResult:
         return int(self.counts.get("missing", 0))
 
     @property
+    def n_tampered(self) -> int:
+        return int(self.counts.get("tampered", 0))
+
+    @property
     def exit_code(self) -> int:
-        """1 when any metric is worse or any baseline cell/metric is missing, else 0."""
-        return 1 if self.n_worse or self.n_missing else 0
+        """1 when any metric is worse, any baseline cell/metric is missing or any record is tampered, else 0."""
+        return 1 if self.n_worse or self.n_missing or self.n_tampered else 0
 
     def summary(self) -> str:
         """One line: verdict counts and PASS/FAIL."""
-        parts = ", ".join(f"{self.counts.get(v, 0)} {v}" for v in ("ok", "better", "worse", "missing", "new"))
+        shown = ("ok", "better", "worse", "missing", "new") + (("tampered",) if self.n_tampered else ())
+        parts = ", ".join(f"{self.counts.get(v, 0)} {v}" for v in shown)
         return f"{'FAIL' if self.exit_code else 'PASS'}: {parts} (rtol {self.rtol})"
 
     def problems(self) -> pd.DataFrame:
@@ -144,8 +151,14 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
 
 def _load(source: pd.DataFrame | str | Path, include_failed: bool) -> pd.DataFrame:
     if isinstance(source, (str, Path)):
-        return load_store(source, include_failed=include_failed)
+        return load_store(source, include_failed=include_failed, include_rejected=True)
     return as_frame(source)
+
+
+def _tampered_row(row: Mapping[str, Any], store: str) -> dict[str, Any]:
+    return {**_describe(row), "metric": "", "protocol": "", "baseline": math.nan, "current": math.nan,
+            "rel_change": math.nan, "verdict": "tampered",
+            "note": f"{store} record {row.get('source_file') or row.get('run_key')} is tampered: {row.get('error')}"}
 
 
 def compare(
@@ -167,6 +180,9 @@ def compare(
     """
     cur = _load(results, include_failed=True)
     base = _load(baseline, include_failed=False)
+    tampered = [_tampered_row(r, "results") for r in cur[cur["status"] == "tampered"].to_dict("records")]
+    tampered += [_tampered_row(r, "baseline") for r in base[base["status"] == "tampered"].to_dict("records")]
+    base = base[base["status"] != "tampered"]
     if isinstance(rtol, Mapping):
         rtol = {(k if k == "default" else resolve_metric(k, base.columns).key): v for k, v in rtol.items()}
     if metrics:
@@ -179,6 +195,7 @@ def compare(
     for cell, brows in base_cells.items():
         crows = [r for r in cur_cells.get(cell, []) if r.get("status", "ok") == "ok"]
         failed = [r for r in cur_cells.get(cell, []) if r.get("status") == "failed"]
+        bad = [r for r in cur_cells.get(cell, []) if r.get("status") == "tampered"]
         for key in keys:
             spec = resolve_metric(key, base.columns)
             bval = _mean(brows, key)
@@ -191,6 +208,8 @@ def compare(
                 if failed:
                     err = str(failed[0].get("error") or "").strip().splitlines()[-1:] or ["failed"]
                     note = f"run failed: {err[0]}"
+                elif bad and not crows:
+                    note = f"only a tampered record: {bad[0].get('source_file') or bad[0].get('run_key')}"
                 elif crows:
                     note = f"protocol differs (results: {_protocol(crows[0], key) or 'none'})"
                 else:
@@ -219,7 +238,9 @@ def compare(
                     "note": "not in baseline",
                 }
             )
-    table = pd.DataFrame(rows, columns=_SHOWN)
+    for row in tampered:
+        logger.error("compare: %s", row["note"])
+    table = pd.DataFrame(rows + tampered, columns=_SHOWN)
     result = CompareResult(table=table, rtol=rtol)
     logger.info("compare: %s", result.summary())
     return result

@@ -8,6 +8,12 @@ flattened to a dotted key (``wikitext2.ppl``, ``zeroshot.tasks.piqa.value``). lm
 task's ``per_doc``: document ids and one '0'/'1' character per document) is no cell value either: it
 goes, keyed by the dotted path of its owner (``zeroshot.tasks.piqa``), into the one ``per_doc``
 column, where the paired tie rule (:mod:`harness.report.paired`) reads it.
+
+Every record is verified first (:func:`harness.integrity.verify_record`: its digest, its run key
+against its content, its metrics against what they are computed from); the ``integrity`` column says
+``signed`` or ``unsigned`` (written before digests). A tampered record is never a row of a table: it
+is logged as an error naming its file and the failed check (and kept, as a ``tampered`` row, only
+for :func:`harness.report.compare.compare`, which fails on it).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.integrity import TAMPERED, verify_record
 from harness.report.metrics import (  # re-exported: metric lookup is part of the store's API
     MetricSpec,
     UnknownMetricError,
@@ -58,6 +65,7 @@ _BASE_COLUMNS = [
     "source_file",
     "status",
     "error",
+    "integrity",
     "schema_version",
     "model",
     "model_id",
@@ -108,7 +116,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
 
     Hidden files (names starting with ``.``, e.g. the engine's atomic-write temporaries) are
     ignored. Valid JSON that is not a record (no ``run_key``/``schema_version``, e.g. a spectra
-    dump or a sweep manifest living in the same directory) is skipped with an info log.
+    dump or a sweep manifest living in the same directory, or the ``svdbench.json`` manifest of an
+    export folder, which names a ``format``) is skipped with an info log.
 
     Args:
         path: A results directory or a single ``.json`` record.
@@ -136,6 +145,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             ) from exc
         if not isinstance(data, dict) or not ({"run_key", "schema_version"} & data.keys()):
             logger.info("skipping %s: not a result record", file)
+            continue
+        if "format" in data and "schema_version" not in data:  # an export's (or a store's) manifest
+            logger.info("skipping %s: a %s manifest, not a result record", file, data["format"])
             continue
         _validate(data, file)
         data["_source_file"] = str(file)
@@ -284,13 +296,25 @@ def _row(rec: Mapping[str, Any], source: str | None) -> dict[str, Any]:
     return row
 
 
-def records_to_frame(records: Iterable[Mapping[str, Any]], include_failed: bool = False) -> pd.DataFrame:
+def _verified(rec: Mapping[str, Any], source: str | None) -> tuple[str, str]:
+    """``(integrity, reason)`` of a record: ``signed``, ``unsigned`` or ``tampered`` (reason: the checks)."""
+    verdict = verify_record(rec, source)
+    for note in verdict.notes:
+        logger.warning("record %s: %s", source or rec.get("run_key"), note)
+    return verdict.status, verdict.reason()
+
+
+def records_to_frame(records: Iterable[Mapping[str, Any]], include_failed: bool = False,
+                     include_rejected: bool = False) -> pd.DataFrame:
     """Flatten result records into one DataFrame row each.
 
     Args:
         records: Parsed records (schema_version 1).
         include_failed: Keep ``status == "failed"`` records (their metrics are empty); by default
             they are dropped with a warning naming each one.
+        include_rejected: Keep records that fail verification as rows with status ``tampered`` (the
+            ``error`` column says why; for :func:`harness.report.compare.compare`); by default they
+            are dropped with an error naming each file and the failed check.
 
     Returns:
         A frame with the identity columns first and one column per dotted metric key.
@@ -302,6 +326,15 @@ def records_to_frame(records: Iterable[Mapping[str, Any]], include_failed: bool 
     for rec in records:
         source = rec.get("_source_file")
         _validate(rec, source or f"record {rec.get('run_key')!r}")
+        integrity, reason = _verified(rec, source)
+        if integrity == TAMPERED:
+            if not include_rejected:
+                logger.error("tampered record %s (%s, %s, ratio %s): %s; left out of every table",
+                             source or rec.get("run_key"), (rec.get("model") or {}).get("name"),
+                             (rec.get("method") or {}).get("name"), rec.get("ratio"), reason)
+                continue
+            rows.append({**_row(rec, source), "status": TAMPERED, "error": reason, "integrity": TAMPERED})
+            continue
         if rec["status"] == "failed" and not include_failed:
             first_line = str(rec.get("error") or "no error text").strip().splitlines()[-1:] or [""]
             logger.warning(
@@ -313,7 +346,7 @@ def records_to_frame(records: Iterable[Mapping[str, Any]], include_failed: bool 
                 first_line[0],
             )
             continue
-        rows.append(_row(rec, source))
+        rows.append({**_row(rec, source), "integrity": integrity})
     frame = pd.DataFrame(rows)
     for col in _BASE_COLUMNS:
         if col not in frame.columns:
@@ -324,12 +357,13 @@ def records_to_frame(records: Iterable[Mapping[str, Any]], include_failed: bool 
     return frame.reset_index(drop=True)
 
 
-def load_store(path: str | Path, include_failed: bool = False) -> pd.DataFrame:
+def load_store(path: str | Path, include_failed: bool = False, include_rejected: bool = False) -> pd.DataFrame:
     """Load every record under a results directory (recursively) into a flat DataFrame.
 
     Args:
         path: Results directory or a single record file.
         include_failed: Keep failed records (see :func:`records_to_frame`).
+        include_rejected: Keep tampered records as ``tampered`` rows (see :func:`records_to_frame`).
 
     Returns:
         The store frame (possibly empty, with the identity columns).
@@ -339,7 +373,7 @@ def load_store(path: str | Path, include_failed: bool = False) -> pd.DataFrame:
         StoreError: For invalid JSON or a malformed record; the message names the file.
     """
     records = read_records(path)
-    frame = records_to_frame(records, include_failed=include_failed)
+    frame = records_to_frame(records, include_failed=include_failed, include_rejected=include_rejected)
     logger.info("loaded %d record(s) from %s (%d file(s) read)", len(frame), path, len(records))
     return frame
 

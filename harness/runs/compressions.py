@@ -20,7 +20,10 @@ An entry ``<store>/<compression key>/`` holds
 
 Entries are written under a temporary name and renamed into place, so a reader sees a complete
 entry or none; when two processes store the same key at once, the first rename wins and the other
-discards its copy (both are the same compression). Installing checks the weights file's size and
+discards its copy (both are the same compression). Runs that share a store claim a compression
+before computing it (:meth:`harness.runs.session.Session.compression_claim`, :mod:`harness.work_claims`),
+so the second waits and installs the first one's entry instead of computing it again; the entry's
+files follow the umask (:func:`harness.files.follow_umask`). Installing checks the weights file's size and
 SHA-256 against the manifest and the module shapes against the model, and refuses with
 :class:`StoredCompressionError` naming the problem. Each use touches ``last_used``, which
 :meth:`CompressionStore.prune` uses to evict the least recently used entries under a size bound.
@@ -43,7 +46,8 @@ from torch import nn
 
 from harness.cache import read_checked_json, write_checked_json
 from harness.engine.models import set_module
-from harness.export import ExportError, build_module, follow_umask, module_specs, sha256_file, unique_tensors
+from harness.export import ExportError, build_module, module_specs, sha256_file, unique_tensors
+from harness.files import follow_umask
 
 __all__ = ["CompressionStore", "StoredCompressionError", "StoredEntry"]
 

@@ -8,8 +8,10 @@ model. It writes nothing: :mod:`harness.runs.loop` turns what it measures into r
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 
 from harness import data
-from harness.cache import cache_path, move_aside
+from harness.cache import cache_path
 from harness.engine.capture import Batch, capture_block_inputs
 from harness.engine.compress import CompressionResult, compress_model, restore
 from harness.engine.models import discover, fingerprint, is_encoder_config, load_model
@@ -32,9 +34,11 @@ from harness.evaluations import (
     resolve_options,
     run_evaluations,
 )
+from harness.files import quarantine
 from harness.records import run_key
 from harness.runs.compressions import CompressionStore, StoredCompressionError
 from harness.runs.config import Prepared, compression_key_fields, draw_calibration, eval_options, key_fields
+from harness.work_claims import wait_for
 from methods import Method
 from methods._linalg import set_svd_driver
 
@@ -91,14 +95,22 @@ class Session:
                       if cfg.compressed_store else None)
 
     # -- keys ----------------------------------------------------------------------------------
-    def dense_key(self) -> str:
-        return run_key(key_fields(self.prep, self.model_info, {"name": "dense"}, 0.0, None))
+    def dense_fields(self) -> dict[str, Any]:
+        """The fields the dense record's run key hashes (:func:`key_fields`)."""
+        return key_fields(self.prep, self.model_info, {"name": "dense"}, 0.0, None)
 
-    def cell_key(self, method: Method, ratio: float) -> str:
+    def dense_key(self) -> str:
+        return run_key(self.dense_fields())
+
+    def cell_fields(self, method: Method, ratio: float) -> dict[str, Any]:
+        """The fields the cell's run key hashes (:func:`key_fields`)."""
         self.statistics()  # draws the calibration
         assert self.calibration is not None
         block = {"name": method.name, "config": method.config()}
-        return run_key(key_fields(self.prep, self.model_info, block, ratio, self.calibration.record()))
+        return key_fields(self.prep, self.model_info, block, ratio, self.calibration.record())
+
+    def cell_key(self, method: Method, ratio: float) -> str:
+        return run_key(self.cell_fields(method, ratio))
 
     def compression_fields(self, method: Method, ratio: float) -> dict[str, Any]:
         """What determines the cell's compressed model (:func:`compression_key_fields`)."""
@@ -181,7 +193,7 @@ class Session:
             manifest, undo = self.store.install(key, self.model)
         except StoredCompressionError as exc:
             # A damaged entry is never evaluated: report it, keep it aside for inspection, recompress.
-            move_aside(self.store.path(key), f"stored compression unusable ({exc})")
+            quarantine(self.store.path(key), f"stored compression unusable ({exc}); recompressing")
             return None
         counts = manifest["record"]["counts"]
         result = CompressionResult(
@@ -194,6 +206,28 @@ class Session:
     def restore(self, cell: CompressedCell) -> None:
         """Undo :meth:`compress`: the dense model again."""
         restore(self.model, cell.result)
+
+    @contextlib.contextmanager
+    def compression_claim(self, method: Method, ratio: float) -> Iterator[None]:
+        """Around compressing a cell and storing it: with a store of compressions, the cell's
+        compression is claimed (:mod:`harness.work_claims`), so that a process that needs the same
+        compression for other evaluations waits for it and installs it instead of recomputing it."""
+        if self.store is None:
+            yield
+            return
+        store, key = self.store, self.compression_key(method, ratio)
+        store.root.mkdir(parents=True, exist_ok=True)
+        claim = wait_for(store.path(key), lambda: store.has(key), f"compression {key} ({method.name} @ {ratio:g})")
+        try:
+            yield
+        finally:
+            if claim is not None:
+                claim.release()
+
+    def release_claims(self) -> None:
+        """Release the statistics this process claimed and did not compute (after a failed cell)."""
+        if self._statistics is not None:
+            self._statistics.store.release_claims()
 
     # -- evaluation ------------------------------------------------------------------------------
     def references(self) -> None:

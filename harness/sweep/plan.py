@@ -2,7 +2,9 @@
 
 Each cell is one result record: the dense baseline of a model, or one (method, ratio, seed) of it.
 Its run key comes from :func:`harness.runs.planned_keys` (the same function the engine names
-records with), so "is this cell done?" is one file lookup: ``<results>/<run_key>.json``.
+records with), so "is this cell done?" is one file lookup: ``<results>/<run_key>.json``, whose record
+must verify (:mod:`harness.integrity`) and name this cell's method, ratio and seed; a record that
+does not is ``tampered`` and is recomputed.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.integrity import verify_record
 from harness.records import read_record
 from harness.runs import RunConfig, planned_keys, prepare
 from harness.sweep.spec import SpecError, SweepSpec
 
-__all__ = ["Cell", "cell_status", "format_plan", "group_cells", "plan_cells", "run_config"]
+__all__ = ["Cell", "cell_problems", "cell_status", "format_plan", "group_cells", "plan_cells", "run_config"]
 
 log = logging.getLogger(__name__)
 
-DONE, FAILED, MISSING = "done", "failed", "missing"
+DONE, FAILED, MISSING, TAMPERED = "done", "failed", "missing", "tampered"
 
 
 @dataclass(frozen=True)
@@ -110,12 +113,35 @@ def plan_cells(spec: SweepSpec, build_references: bool = True) -> list[Cell]:
     return cells
 
 
+def cell_problems(cell: Cell, rec: Mapping[str, object]) -> list[str]:
+    """Why ``rec`` (read from ``cell.path``) cannot be this cell's ok record: it fails verification, or
+    names another method, ratio or calibration seed than the cell's (a field it lacks contradicts nothing)."""
+    problems = verify_record(rec, cell.path).problems
+    method = rec.get("method")
+    if isinstance(method, Mapping) and "name" in method and method["name"] != cell.method:
+        problems.append(f"its method is {method['name']!r}, this cell's {cell.method!r}")
+    if "ratio" in rec and rec["ratio"] != cell.ratio:
+        problems.append(f"its ratio is {rec['ratio']!r}, this cell's {cell.ratio!r}")
+    calibration = rec.get("calibration")
+    if not cell.is_dense and isinstance(calibration, Mapping) and "seed" in calibration and calibration["seed"] != cell.seed:
+        problems.append(f"its calibration seed is {calibration['seed']!r}, this cell's {cell.seed!r}")
+    return problems
+
+
 def cell_status(cell: Cell) -> str:
-    """``done`` (a record with status ok), ``failed`` (a failed record) or ``missing``."""
+    """``done`` (a record with status ok that verifies), ``failed`` (a failed record), ``tampered`` (an ok
+    record that does not verify: logged with its file and reason, and recomputed) or ``missing``."""
     rec = read_record(cell.path, repair=False)  # the run that recomputes the cell moves a bad record aside
     if rec is None:
         return MISSING
-    return DONE if rec.get("status") == "ok" else FAILED
+    if rec.get("status") != "ok":
+        return FAILED
+    problems = cell_problems(cell, rec)
+    if problems:
+        log.error("tampered record %s (%s): %s; it does not count as done and will be recomputed", cell.path,
+                  cell.describe(), "; ".join(problems))
+        return TAMPERED
+    return DONE
 
 
 def group_cells(cells: Iterable[Cell]) -> list[list[Cell]]:
@@ -139,6 +165,7 @@ def format_plan(spec: SweepSpec, cells: Sequence[Cell], statuses: Mapping[str, s
         ratio = "-" if c.is_dense else f"{c.ratio:g}"
         seed = "-" if c.is_dense else str(c.seed)
         lines.append(f"{statuses[c.key]:<8} {c.key:<20} {c.model:<{width}} {c.method:<{mwidth}} {ratio:>5} {seed}")
-    counts = {s: sum(statuses[c.key] == s for c in cells) for s in (DONE, FAILED, MISSING)}
-    lines.append(f"{counts[DONE]} done, {counts[FAILED]} failed, {counts[MISSING]} missing")
+    counts = {s: sum(statuses[c.key] == s for c in cells) for s in (DONE, FAILED, MISSING, TAMPERED)}
+    lines.append(f"{counts[DONE]} done, {counts[FAILED]} failed, {counts[MISSING]} missing"
+                 + (f", {counts[TAMPERED]} tampered (recomputed by the next run)" if counts[TAMPERED] else ""))
     return "\n".join(lines) + "\n"

@@ -1,19 +1,26 @@
 """Running a sweep: plan the cells, skip the finished ones, hand the rest to an executor.
 
-Resuming is the same operation as starting: a cell whose record exists with status ``ok`` is never
-recomputed, so after a crash or a kill ``svdbench sweep SPEC`` simply does what is left. Cells with
-a ``failed`` record are reported and skipped unless ``retry_failed`` is set.
+Resuming is the same operation as starting: a cell whose record exists with status ``ok`` (and
+verifies, :mod:`harness.integrity`) is never recomputed, so after a crash or a kill ``svdbench sweep
+SPEC`` simply does what is left; a tampered record is reported and its cell recomputed. Cells with
+a ``failed`` record are reported and skipped unless ``retry_failed`` is set. Two sweeps of one spec
+(or of overlapping specs) may run at once: cells and statistics are claimed (:mod:`harness.work_claims`),
+so each is computed once, and the summary says which cells this sweep computed and which another
+process did meanwhile.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from harness.cache import cache_root
+from harness.runs.preflight import check_writable
 from harness.sweep.executors import CANCELLED_OUTCOME, Executor, make_executor
-from harness.sweep.plan import DONE, FAILED, MISSING, Cell, cell_status, format_plan, plan_cells
+from harness.sweep.plan import DONE, FAILED, MISSING, TAMPERED, Cell, cell_status, format_plan, plan_cells
 from harness.sweep.spec import SweepSpec
-from harness.sweep.worker import Outcome
+from harness.sweep.worker import OTHER, Outcome
 
 __all__ = ["SweepResult", "dry_run", "run_sweep", "status"]
 
@@ -46,15 +53,28 @@ class SweepResult:
         return [o for o in self.outcomes if o.status == CANCELLED_OUTCOME]
 
     @property
+    def by_others(self) -> list[Outcome]:
+        """Cells another process recorded while this sweep ran (it computed them, or this sweep
+        waited for them instead of computing them twice)."""
+        return [o for o in self.outcomes if o.status == "ok" and o.source == OTHER]
+
+    @property
     def ok(self) -> bool:
         """True when every cell now has an ok record."""
         return not self.failed and not self.cancelled and not self.skipped_failed
 
     def summary(self) -> str:
+        """What this sweep did: cells done before, cells it ran (ok, failed), cells another process did."""
         already = sum(s == DONE for s in self.before.values())
-        n_ok = len(self.outcomes) - len(self.failed) - len(self.cancelled)
-        text = (f"{len(self.cells)} cell(s): {already} already done, {len(self.outcomes)} run "
-                f"({n_ok} ok, {len(self.failed)} failed)")
+        others = self.by_others
+        n_run = len(self.outcomes) - len(others)
+        n_ok = n_run - len(self.failed) - len(self.cancelled)
+        text = f"{len(self.cells)} cell(s): {already} already done, {n_run} run ({n_ok} ok, {len(self.failed)} failed)"
+        if others:
+            crashed = sum(o.error is not None for o in others)
+            text += f", {len(others)} done by another process meanwhile"
+            if crashed:
+                text += f" ({crashed} of them failed here first)"
         if self.cancelled:
             text += f", {len(self.cancelled)} cancelled (no record; rerun the sweep to compute them)"
         if self.skipped_failed:
@@ -90,11 +110,15 @@ def run_sweep(spec: SweepSpec, executor: str | Executor | None = None, retry_fai
         SpecError / ValueError / FileNotFoundError: when the spec cannot be planned.
         ExecutorUnavailableError: when the executor cannot run here.
     """
-    # Build the executor first: an unavailable one should fail before minutes of planning.
+    # Build the executor first and check the output folders: either should fail before minutes of planning.
     runner = make_executor(executor or spec.executor, spec) if executor is None or isinstance(executor, str) else executor
+    check_writable(Path(spec.results).expanduser(), "results folder")
+    check_writable(cache_root(), "cache ($SVDBENCH_CACHE)")
+    if spec.compressed_store is not None:
+        check_writable(Path(spec.compressed_store).expanduser(), "store of compressions (compressed_store)")
     cells = plan_cells(spec)
     before = {c.key: cell_status(c) for c in cells}
-    todo = [c for c in cells if before[c.key] == MISSING or (retry_failed and before[c.key] == FAILED)]
+    todo = [c for c in cells if before[c.key] in (MISSING, TAMPERED) or (retry_failed and before[c.key] == FAILED)]
     skipped = [c for c in cells if before[c.key] == FAILED and not retry_failed]
     for cell in skipped:
         log.warning("skipping failed cell %s (%s); rerun with --retry-failed", cell.describe(), cell.path)

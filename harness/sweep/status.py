@@ -19,7 +19,7 @@ from pathlib import Path
 
 from harness.records import read_record
 from harness.sweep.markers import marker_alive, read_marker
-from harness.sweep.plan import Cell, plan_cells
+from harness.sweep.plan import Cell, cell_problems, plan_cells
 from harness.sweep.slurm import (
     CANCELLED,
     PENDING,
@@ -126,9 +126,13 @@ def cell_states(cells: Sequence[Cell], results: str | Path) -> dict[str, CellSta
         job = jobs.get(cell.key)
         job_id = job.job_id if job is not None else ""
         try:
-            rec = read_record(cell.path)
+            rec = read_record(cell.path, repair=False)  # a status view changes nothing
         except (OSError, json.JSONDecodeError) as exc:
             log.warning("unreadable record %s (%s); treating the cell as not done", cell.path, exc)
+            rec = None
+        problems = cell_problems(cell, rec) if rec is not None and rec.get("status") == "ok" else []
+        if problems:
+            log.error("tampered record %s: %s", cell.path, "; ".join(problems))
             rec = None
         if rec is not None:
             if rec.get("status") == "ok":
@@ -150,7 +154,8 @@ def cell_states(cells: Sequence[Cell], results: str | Path) -> dict[str, CellSta
         elif job is not None and job.cluster == "slurm":
             out[cell.key] = _from_scheduler(job, slurm.get(job.job_id))
         else:
-            out[cell.key] = CellState(PENDING_, job_id)
+            out[cell.key] = CellState(PENDING_, job_id, f"tampered record {cell.path.name}: {problems[0]}; the next run "
+                                      "recomputes it" if problems else "")
     return out
 
 

@@ -2,7 +2,9 @@
 
 :func:`run_group` hands the group to the one run loop (:func:`harness.runs.run_cells`): one model
 load, the dense statistics computed (or loaded from the disk cache) once, each cell in turn. A failing cell is recorded with
-its traceback and the others still run. The function is a plain top-level callable over picklable
+its traceback and the others still run. Cells and statistics are claimed (:mod:`harness.work_claims`), so
+workers of several sweeps share one results folder without computing anything twice; each outcome
+says whether this worker or another process produced the cell's record. The function is a plain top-level callable over picklable
 arguments, so it runs the same in-process, in a spawned worker or in a submitit job.
 """
 
@@ -16,16 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.integrity import verify_record, write_record
 from harness.records import (
     failed_record,
     git_state,
     read_record,
     record_header,
     svdbench_version,
-    write_json_atomic,
 )
 from harness.sweep.markers import clear_running, mark_running
 from harness.sweep.plan import Cell
+from harness.work_claims import Claim, try_claim
 
 __all__ = ["DELAY_ENV", "GroupJob", "Outcome", "record_failure", "run_group"]
 
@@ -36,21 +39,20 @@ log = logging.getLogger(__name__)
 DELAY_ENV = "SVDBENCH_SWEEP_CELL_DELAY_S"
 
 
+HERE, OTHER = "here", "other"
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What happened to one cell: ``status`` is ``ok``, ``failed`` (``error`` holds the traceback) or
-    ``cancelled`` (its scheduler job was cancelled before it wrote a record)."""
+    ``cancelled`` (its scheduler job was cancelled before it wrote a record); ``source`` is ``here``
+    when this process produced the record, ``other`` when another process did (it computed the
+    cell while this one waited, or finished it after this one failed)."""
 
     cell: Cell
     status: str
     error: str | None = None
-
-
-def _mtime(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except FileNotFoundError:
-        return None
+    source: str = HERE
 
 
 def _model_name(model: str) -> str:
@@ -59,18 +61,31 @@ def _model_name(model: str) -> str:
 
 
 def record_failure(cell: Cell, error: str) -> Outcome:
-    """Write a ``failed`` record for ``cell`` (unless an ok record already exists) and return it.
+    """Write a ``failed`` record for ``cell`` and return its outcome, unless the cell has an ok record
+    that verifies (then the outcome is ``ok`` from another process) or another live process is
+    computing it (then nothing is written: that process writes the record).
 
     Used when a failure happens outside the engine's own failure records (model load, statistics,
-    a worker or job that died), so ``--retry-failed`` finds every failed cell the same way.
+    a worker or job that died), so ``--retry-failed`` finds every failed cell the same way. A results
+    folder that refuses the record is logged, never raised.
     """
-    existing = read_record(cell.path) if cell.path.is_file() else None
-    if existing is not None and existing.get("status") == "ok":
-        return Outcome(cell, "ok")
+    existing = read_record(cell.path, repair=False) if cell.path.is_file() else None
+    if existing is not None and existing.get("status") == "ok" and verify_record(existing, cell.path).ok:
+        log.warning("%s failed here, but %s holds its finished record (written by another process)",
+                    cell.describe(), cell.path)
+        return Outcome(cell, "ok", error, source=OTHER)
     header = record_header(cell.key, {"id": cell.run.model, "name": _model_name(cell.run.model)}, cell.run.limit,
                            {"svdbench_version": svdbench_version(), **git_state(), "seed": cell.seed},
                            {"name": cell.method, "config": None}, cell.ratio, None)
-    write_json_atomic(cell.path, failed_record(header, error))
+    try:
+        claim = try_claim(cell.path, f"failure record of {cell.describe()}")
+        if not isinstance(claim, Claim):
+            log.warning("%s failed here; not recording it, %s is computing it", cell.describe(), claim.describe())
+            return Outcome(cell, "failed", error)
+        with claim:
+            write_record(cell.path, failed_record(header, error))
+    except OSError as exc:
+        log.error("could not record the failure of %s in %s: %s", cell.describe(), cell.path, exc)
     return Outcome(cell, "failed", error)
 
 
@@ -97,11 +112,9 @@ def run_group(cells: Sequence[Cell]) -> list[Outcome]:
     cells = sorted(cells, key=lambda c: not c.is_dense)  # stable: dense first, the rest in order
     by_item = {(c.method, c.ratio): c for c in cells}
     delay = float(os.environ.get(DELAY_ENV) or 0.0)
-    before_mtime: dict[str, int | None] = {}
 
     def before(method: str, ratio: float) -> None:
         cell = by_item[(method, ratio)]
-        before_mtime[cell.key] = _mtime(cell.path)
         mark_running(cell)  # for --status; removed in after() however the cell ends
         if delay and not cell.is_dense:
             time.sleep(delay)
@@ -115,15 +128,14 @@ def run_group(cells: Sequence[Cell]) -> list[Outcome]:
         if done.status == "ok":
             if done.path is not None and done.path.stem != cell.key:  # cannot happen while planner and engine share key_fields()
                 log.warning("cell %s was planned as %s but recorded as %s", cell.describe(), cell.key, done.path.stem)
-            outcomes.append(Outcome(cell, "ok"))
+            # A record found done was finished after the sweep planned it: by another process.
+            outcomes.append(Outcome(cell, "ok", done.error, source=HERE if done.source == "here" else OTHER))
             continue
         error = done.error or "failed"
         log.error("cell failed: %s\n%s", cell.describe(), error)
-        engine_wrote = (cell.key in before_mtime and _mtime(cell.path) != before_mtime[cell.key]
-                        and (read_record(cell.path) or {}).get("status") == "failed")
         # The engine writes its own, fuller record when compression or evaluation fails; a failure
         # before that (model load, statistics) is recorded here.
-        outcomes.append(Outcome(cell, "failed", error) if engine_wrote else record_failure(cell, error))
+        outcomes.append(Outcome(cell, "failed", error) if done.recorded else record_failure(cell, error))
     return outcomes
 
 

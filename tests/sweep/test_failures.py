@@ -25,7 +25,8 @@ def test_failure_record_is_a_valid_store_record(tmp_path):
     (rec,) = read_records(tmp_path)  # the report store's validation accepts it
     assert rec["status"] == "failed" and rec["run_key"] == cell.key and rec["error"].endswith("boom")
     assert rec["method"]["name"] == "svd" and rec["ratio"] == 0.4
-    cell.path.write_text(json.dumps({**rec, "status": "ok"}))
+    # Another process's finished record (unsigned here: flipping a signed record's status is tampering).
+    cell.path.write_text(json.dumps({k: v for k, v in rec.items() if k != "digest"} | {"status": "ok"}))
     assert record_failure(cell, "late").status == "ok"  # never overwrites a finished record
 
 
