@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.sweep.cli import add_sweep_subcommand
 
     add_sweep_subcommand(sub)
+    from harness.runs.checkpoint_cli import add_checkpoint_subcommands  # validate, run-external
+
+    add_checkpoint_subcommands(sub)
     from harness.report.cli import add_report_subcommands  # pandas, matplotlib: core dependencies
 
     add_report_subcommands(sub)

@@ -7,7 +7,14 @@ An export directory holds
   ``<linear>.second.weight: (m, k)`` and the bias), for column-preserving layers also
   ``<linear>.columns.weight`` and the int64 ``kept_idx`` / ``rest_idx`` buffers, and every tensor
   the method left dense (embeddings, norms, head). Tied tensors are stored once;
-* the tokenizer files and the base model's ``config.json`` (unchanged: the skeleton is built from it);
+* the tokenizer files and ``config.json``: the base model's config with ``model_type``,
+  ``architectures`` and ``auto_map`` of the remote code and a ``svdbench`` block (base config class
+  and architecture, replaced modules, tied names); :func:`harness.remote_code.base_config` reads the
+  base config back. Format 1 exports hold the base model's config unchanged;
+* ``modeling_svdbench.py`` (:data:`harness.remote_code.TEMPLATE`, format 2 on): the remote code with
+  which ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads the compressed
+  model in plain transformers (without ``trust_remote_code`` transformers refuses the unknown
+  ``model_type`` instead of building a dense model with random weights);
 * ``svdbench.json`` (:data:`MANIFEST`): the format version, which module is replaced by which class
   at which rank, the tied aliases, the method's name and full config, the ratio, the record's run
   key, parameter counts, and the size and SHA-256 of every other file.
@@ -35,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from harness.remote_code import RemoteCodeError, base_config, remote_config, write_remote_code
 from methods.column_preserving import ColumnPreservingLowRank
 from methods.lowrank import LowRankLinear
 from methods.shared_basis import SharedBasisLinear
@@ -42,7 +50,9 @@ from methods.shared_basis import SharedBasisLinear
 log = logging.getLogger(__name__)
 
 FORMAT = "svdbench-lowrank"
-FORMAT_VERSION = 1
+# 2: config.json is the remote-code config and modeling_svdbench.py is carried (docs/export.md).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # this svdbench loads exports of these versions
 MANIFEST = "svdbench.json"
 DEFAULT_SHARD_BYTES = 4 << 30  # shards at 4 GiB, as the hub does for large checkpoints
 AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModel")
@@ -106,7 +116,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _manifest_digest(manifest: Mapping[str, Any]) -> str:
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON without its ``digest`` field (what ``digest`` holds)."""
     body = {k: v for k, v in manifest.items() if k != "digest"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
@@ -221,8 +232,13 @@ def export_model(
             # One metadata entry only: safetensors writes a map's entries in hash order, and the
             # bytes (hence the checksums) of an export of the same model must not change.
             save_file(group, str(tmp / fname), metadata={"format": "pt"})
+        auto_class = AUTO_CLASSES[1] if is_encoder_config(model.config) else AUTO_CLASSES[0]
+        specs = module_specs(model)
+        try:
+            write_remote_code(tmp, remote_config(model.config, type(model), auto_class, specs, aliases, FORMAT_VERSION))
+        except RemoteCodeError as exc:
+            raise ExportError(str(exc)) from exc
         follow_umask(tmp)  # safetensors creates its files 0600; a shared export follows the umask
-        model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -236,7 +252,7 @@ def export_model(
             "svdbench_version": svdbench_version(),
             "git_sha": git_state()["git_sha"],
             "torch": torch.__version__,
-            "auto_class": AUTO_CLASSES[1] if is_encoder_config(model.config) else AUTO_CLASSES[0],
+            "auto_class": auto_class,
             "architecture": type(model).__name__,
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
             "base_model": dict(base_model or {}),
@@ -244,7 +260,7 @@ def export_model(
             "ratio": ratio,
             "run_key": run_key,
             "compression": dict(compression or {}),
-            "modules": module_specs(model),
+            "modules": specs,
             "tied": aliases,
             "weights": names,
             "tensor_elements": elements,
@@ -253,7 +269,7 @@ def export_model(
             "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                       for p in sorted(tmp.iterdir()) if p.is_file()},
         }
-        manifest["digest"] = _manifest_digest(manifest)
+        manifest["digest"] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
         if out.exists():
             out.rmdir()  # empty (checked above); os.replace cannot rename over a directory
@@ -293,10 +309,12 @@ def read_manifest(path: Path | str) -> dict[str, Any]:
         raise ExportError(f"{file} is not valid JSON (truncated or edited?): {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ExportError(f"{file} is not an {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{file} has format version {manifest.get('format_version')!r}; this svdbench reads "
-                          f"version {FORMAT_VERSION}")
-    if manifest.get("digest") != _manifest_digest(manifest):
+    version = manifest.get("format_version")
+    if version not in READABLE_VERSIONS:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise ExportError(f"{file} has format version {version!r}; this svdbench reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}" + ("; upgrade svdbench to load it" if newer else ""))
+    if manifest.get("digest") != manifest_digest(manifest):
         raise ExportError(f"{file} was changed after export (its digest does not match its content)")
     return manifest
 
@@ -388,19 +406,37 @@ def load_compressed(
         ExportError: for a missing, truncated or edited file, an unknown format, or tensors that do
             not fit the recorded modules.
     """
+    root = Path(path)
+    return load_from_manifest(root, verify_export(root, checksums=checksums), device, dtype)
+
+
+def load_from_manifest(
+    root: Path,
+    manifest: Mapping[str, Any],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[nn.Module, Any]:
+    """The model and tokenizer of the export at ``root`` as ``manifest`` describes them, without
+    checking the files or the manifest's digest (:func:`load_compressed` does; ``svdbench validate``
+    loads an edited manifest too, to name what else is wrong).
+
+    Raises:
+        ExportError: for tensors that do not fit the recorded modules, or an unreadable file.
+    """
     import transformers
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from harness.engine.models import set_module
 
-    root = Path(path)
-    manifest = verify_export(root, checksums=checksums)
     auto = manifest.get("auto_class")
     if auto not in AUTO_CLASSES:
         raise ExportError(f"{root}: unknown auto_class {auto!r} in {MANIFEST}")
-    config = AutoConfig.from_pretrained(root)
+    try:
+        config = base_config(root)  # format 2: config.json is the remote-code config around the base one
+    except RemoteCodeError as exc:
+        raise ExportError(f"{root}: {exc}") from exc
     kwargs = {"attn_implementation": manifest["attn_implementation"]} if manifest.get("attn_implementation") else {}
     with parameters_on_meta():
         model = getattr(transformers, auto).from_config(config, **kwargs)
@@ -442,7 +478,8 @@ def load_compressed(
     model.to(device)
     model.eval()
     model.svdbench_export = manifest
-    tokenizer = AutoTokenizer.from_pretrained(root)
+    # The base config, so that AutoTokenizer does not read config.json (whose remote code it would ask to run).
+    tokenizer = AutoTokenizer.from_pretrained(root, config=config)
     return model, tokenizer
 
 
