@@ -13,10 +13,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from harness.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +29,6 @@ def cache_root() -> Path:
 
 def cache_path(kind: str, key: str, suffix: str = "") -> Path:
     return cache_root() / kind / f"{key}{suffix}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file in the same directory, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def move_aside(path: Path, reason: str) -> Path:

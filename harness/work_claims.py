@@ -74,7 +74,8 @@ def _pid_start(pid: int) -> str | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (another user's process counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -108,7 +109,7 @@ class ClaimInfo:
     def stale_reason(self, stale_after_s: float | None = None) -> str | None:
         """Why the owner is gone, or None while it may still run."""
         if self.host == socket.gethostname():
-            if not _pid_alive(self.pid):
+            if not pid_alive(self.pid):
                 return f"its owner pid {self.pid} on this host is dead"
             start = _pid_start(self.pid)
             if self.pid_start is not None and start is not None and start != self.pid_start:

@@ -21,6 +21,7 @@ from pathlib import Path
 from harness.records import write_json_atomic
 from harness.sweep.plan import Cell
 from harness.sweep.slurm import RUNNING, JobState
+from harness.work_claims import pid_alive
 
 __all__ = ["Marker", "clear_running", "mark_running", "marker_alive", "read_marker", "slurm_job_id"]
 
@@ -78,21 +79,11 @@ def read_marker(results: str | Path, key: str) -> Marker | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
-
-
 def marker_alive(marker: Marker, slurm: Mapping[str, JobState]) -> bool | None:
     """Whether the marker's worker still runs: its SLURM job's state where the scheduler knows the
     job, else its process on this host; None when neither can be checked (another host, no SLURM)."""
     if marker.slurm_job is not None and marker.slurm_job in slurm:
         return slurm[marker.slurm_job].state in RUNNING
     if marker.host == socket.gethostname():
-        return _pid_alive(marker.pid)
+        return pid_alive(marker.pid)
     return None
