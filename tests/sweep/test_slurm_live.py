@@ -43,8 +43,8 @@ log = logging.getLogger("svdbench.test.slurm")
 # (on a loaded machine) and with SIGKILL following scancel by KillWait=2 s.
 CELL_DELAY_S = 15
 # Fields that differ between two runs of the same cell by nature: wall times, peak memory, whether
-# the statistics came from the cache, and the probes' costs (seconds).
-RUN_SPECIFIC = {"timings_s", "peak_memory_bytes", "statistics_cached", "probes"}
+# the statistics came from the cache, the probes' costs (seconds), and the digest, which covers them.
+RUN_SPECIFIC = {"timings_s", "peak_memory_bytes", "statistics_cached", "probes", "digest"}
 
 
 @pytest.fixture(scope="module")
