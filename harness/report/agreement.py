@@ -178,15 +178,7 @@ def _pairs(r: RankAgreement) -> str:
 
 def _entries(table: LeaderboardTable, spec: MetricSpec, ratio: float) -> dict[str, tuple[str, float]]:
     """Method string -> (label, seed mean) of the table's usable entries at ``ratio``, dense excluded."""
-    rows = table.rows
-    at = rows[~rows["is_dense"] & (rows["status"] == "ok") & ((rows["ratio"] - ratio).abs() < 1e-9)]
-    dupes = sorted(at.loc[at["method"].duplicated(), "method"].unique())
-    if dupes:
-        raise ValueError(
-            f"{table.model}, ratio {ratio:g}: method(s) {', '.join(dupes)} have several entries (configs or "
-            "calibrations); rankings match entries by method string: keep one of them (filter the frame, or give "
-            "the CLI one sweep's results directory)"
-        )
+    at = table.methods_at(ratio)
     if spec.key not in at.columns:
         return {}
     return {

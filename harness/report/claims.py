@@ -133,13 +133,7 @@ def match_method(side: str, methods: Sequence[str]) -> str | None:
 
 def _pair_verdict(table: LeaderboardTable, key: str, ratio: float, better: str, than: str) -> Verdict:
     rows = table.rows
-    at = rows[~rows["is_dense"] & (rows["status"] == "ok") & ((rows["ratio"] - ratio).abs() < 1e-9)]
-    twice = sorted(at.loc[at["method"].duplicated(), "method"].unique())
-    if twice:
-        raise ValueError(
-            f"{table.model}, ratio {ratio:g}: {', '.join(twice)} has records of several configurations or "
-            "calibrations; give the claims only the results folders of one protocol"
-        )
+    at = table.methods_at(ratio)
     index = {m: i for i, m in zip(at.index, at["method"], strict=True)}
     if better not in index or than not in index:
         return Verdict(MISSING)

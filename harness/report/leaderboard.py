@@ -174,6 +174,24 @@ class LeaderboardTable:
         r = self.rows.loc[i]
         return r["label"] + (LIMITED_MARK if r["limited"] else "") + (PARTIAL_MARK if r["partial_windows"] else "")
 
+    def methods_at(self, ratio: float) -> pd.DataFrame:
+        """The usable non-dense rows at ``ratio``, one per method string (what rankings and claims compare).
+
+        Raises:
+            ValueError: a method with several entries there (configs or calibrations): comparisons
+                match entries by method string, so the caller must give one protocol's records.
+        """
+        rows = self.rows
+        at = rows[~rows["is_dense"] & (rows["status"] == "ok") & ((rows["ratio"] - ratio).abs() < 1e-9)]
+        dupes = sorted(at.loc[at["method"].duplicated(), "method"].unique())
+        if dupes:
+            raise ValueError(
+                f"{self.model}, ratio {ratio:g}: method(s) {', '.join(dupes)} have several entries (configs or "
+                "calibrations); comparisons match entries by method string: keep one of them (filter the frame, "
+                "or give only the results folders of one protocol)"
+            )
+        return at
+
     def group_keys(self) -> list[str]:
         """Row-group key per row: the dense row is its own group, others group by ratio."""
         return [
