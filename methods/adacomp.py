@@ -31,7 +31,10 @@ What the paper leaves open, and the option that records our reading (defaults in
 * ``stack_of_batch`` [0]: Eq. (14)/(15) average groups of ``mini_bsz = ceil(N / M)`` shuffled samples,
   where ``M`` is the number of samples that fit the GPU (32 on their A100 for N = 256, so
   ``mini_bsz = 8``). With ``N <= 32`` calibration samples that is 1, i.e. off; Grams cost no memory
-  per sample here, so stacking only changes the data the factors are fitted on.
+  per sample here, so stacking only changes the data the factors are fitted on. ``0`` (current
+  default) is off whatever ``N``; ``paper`` applies the paper's rule with ``M = 32``
+  (:func:`methods.stack_of_batch.paper_mini_bsz`, resolved by the engine once ``N`` is known: off
+  for ``N <= 32``, 8 at the CLI default of 256 samples); an integer ``>= 2`` fixes ``mini_bsz``.
 * The V^T-step: with ``target=same`` the paper's ``B = A^+ W`` is an exact minimiser of L for any
   input Gram (``A^T (A B - W) Hh = 0``), so it is used as written. With ``target=dense`` the exact
   minimiser is ``B = A^+ W C Hh^{-1}`` (Cholesky of Hh, eigenvalue fallback when Hh is singular).
@@ -60,7 +63,7 @@ from torch import Tensor
 from methods._linalg import Whitening, truncated_svd, whitened_truncate, whitening
 from methods.components import LinearStats, check_choices, register
 from methods.lowrank import Factorization
-from methods.stack_of_batch import StackedGrams
+from methods.stack_of_batch import PAPER, StackedGrams
 from methods.statistics import CompressedPrefixGrams, Statistic
 
 log = logging.getLogger(__name__)
@@ -279,10 +282,10 @@ def reduced_rank_optimum(weight: Tensor, grams: PairedGrams, k: int) -> tuple[Te
     return u[:, :k] * root, white.right_solve(root[:, None] * vh[:k])
 
 
-def _as_int(value: object, what: str, low: int) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < low:  # type: ignore[call-overload]
-        raise ValueError(f"adacomp.{what} must be an integer >= {low}, got {value!r}")
-    return int(value)  # type: ignore[call-overload]
+def _as_int(value: object, what: str, low: int, also: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or int(value) < low:
+        raise ValueError(f"adacomp.{what} must be an integer >= {low}{also}, got {value!r}")
+    return int(value)
 
 
 @register("refiner")
@@ -301,10 +304,12 @@ class AdaCompRefiner:
             compressed, ``Xh``) or ``dense`` (the dense model's inputs).
         target: ``same`` (default: Eq. (4), the dense weight's output on the fitted inputs) or
             ``dense`` (the dense model's output ``W X``, regressed on ``Xh`` through the cross Gram).
-        stack_of_batch: ``mini_bsz`` of the stack-of-batch approximation, Eq. (14)/(15) (0 = off,
-            default): fit on the Grams of averaged groups of ``mini_bsz`` shuffled samples
-            (``LinearStats.gram_stacked`` / ``gram_hat_stacked`` / ``cross_stacked``, collected by the
-            statistics engine, which reads this field). The paper's ``mini_bsz = ceil(N / 32)``.
+        stack_of_batch: ``mini_bsz`` of the stack-of-batch approximation, Eq. (14)/(15): fit on the
+            Grams of averaged groups of ``mini_bsz`` shuffled samples (``LinearStats.gram_stacked`` /
+            ``gram_hat_stacked`` / ``cross_stacked``, collected by the statistics engine, which reads
+            this field). ``0`` = off (default; ours, whatever the number of samples N), ``paper`` =
+            the paper's rule ``mini_bsz = ceil(N / 32)`` (off for N <= 32, 8 for N = 256; resolved
+            by the engine once N is known), or a fixed integer ``>= 2``.
         shrinkage: ``none`` (default) or ``norm``: after the refit, scale ``A`` so that the layer's
             output energy on the fitted inputs equals the target's (``||A B Xh|| = ||W X||``),
             undoing the shrinkage of least squares on noisy regressors. Not in the paper.
@@ -318,31 +323,44 @@ class AdaCompRefiner:
     init: str = "factorizer"
     inputs: str = "compressed"
     target: str = "same"
-    stack_of_batch: int = 0
+    stack_of_batch: int | str = 0
     shrinkage: str = "none"
     ridge: float = 1e-10
 
     def __post_init__(self) -> None:
         check_choices(self)
         _as_int(self.iters, "iters", 0)
-        if _as_int(self.stack_of_batch, "stack_of_batch", 0) == 1:
-            raise ValueError("adacomp.stack_of_batch must be 0 (off) or an integer >= 2, got 1")
+        if self.stack_of_batch != PAPER and _as_int(self.stack_of_batch, "stack_of_batch", 0, f" or {PAPER!r}") == 1:
+            raise ValueError("adacomp.stack_of_batch must be 0 (off), an integer >= 2 or 'paper', got 1")
         if not 0.0 <= self.ridge < 1.0:
             raise ValueError(f"adacomp.ridge must lie in [0, 1), got {self.ridge!r}")
+
+    @property
+    def stacks(self) -> bool:
+        """True when stack-of-batch may apply (a fixed ``mini_bsz`` or the paper's rule)."""
+        return self.stack_of_batch == PAPER or int(self.stack_of_batch) > 0
 
     def statistics(self) -> tuple[Statistic, ...]:
         """Compressed-prefix Grams for ``inputs=compressed`` (or stacking, whose Grams the paired pass
         collects; with ``inputs=dense`` its extra Grams are unused) and the stacked Grams when
-        ``stack_of_batch`` is set."""
-        paired = self.inputs == "compressed" or self.stack_of_batch > 0
+        ``stack_of_batch`` is set (``paper``: resolved by the engine, :func:`methods.statistics.for_samples`)."""
+        paired = self.inputs == "compressed" or self.stacks
         out: list[Statistic] = [CompressedPrefixGrams()] if paired else []
-        if self.stack_of_batch:
-            out.append(StackedGrams(int(self.stack_of_batch), paired=paired))
+        if self.stacks:
+            size = PAPER if self.stack_of_batch == PAPER else int(self.stack_of_batch)
+            out.append(StackedGrams(size, paired=paired))
         return tuple(out)
+
+    def _stacked(self, stats: LinearStats) -> bool:
+        """Whether to fit on stacked Grams. ``paper`` whose rule resolved to 1 (N <= 32) collected none:
+        the plain Grams are then exactly what one-sample "groups" would give."""
+        if self.stack_of_batch == PAPER:
+            return stats.gram_stacked is not None
+        return self.stacks
 
     def grams(self, stats: LinearStats) -> PairedGrams:
         """The Grams this configuration fits on (raises if the engine did not collect them)."""
-        stacked = self.stack_of_batch > 0
+        stacked = self._stacked(stats)
         gram = stats.gram_stacked if stacked else stats.gram
         gram_hat = stats.gram_hat_stacked if stacked else stats.gram_hat
         cross = stats.cross_stacked if stacked else stats.cross
@@ -372,7 +390,7 @@ class AdaCompRefiner:
         grams = self.grams(stats)
         a0, b0 = self._start(w, fact, stats)
         # The dense whitening is cached on the stats: reuse it when the fitted inputs are the dense ones.
-        white_hat = stats.whitening() if self.inputs == "dense" and not self.stack_of_batch else None
+        white_hat = stats.whitening() if self.inputs == "dense" and not self._stacked(stats) else None
         a, b, history = alternate(w, a0, b0, grams, int(self.iters), white_hat=white_hat, ridge=self.ridge)
         best = min(history)
         returned = "iterate"

@@ -21,8 +21,16 @@ stores ``k (n + g m)``. With ``group_size = 1`` every module is the SVD-LLM trun
 Shareable types (option ``shared``): the paper shares ``W_Q, W_K, W_V, W_Up, W_Gate`` and keeps
 ``W_O`` and ``W_Down`` private (their errors grow when shared, Sec. 4). The default names those
 projections on Llama-style models, plus ``fc1`` (OPT's up projection) and ``query``/``key``/``value``
-(BERT); a private module is factorized alone with SVD-LLM's truncation. Groups are aligned to
-blocks ``[j g, (j + 1) g)``; the last group may be shorter (a group of one is private).
+(BERT), on every model; a private module is factorized alone with SVD-LLM's truncation. Groups are
+aligned to blocks ``[j g, (j + 1) g)``; the last group may be shorter (a group of one is private).
+
+The official configurations (TUDa-HWAI/Basis_Sharing ``tasks/configs``) choose by the attention
+layout: multi-head models (Llama-2, LLaMA, OPT) share q, k, v (and up, gate), while the grouped-query
+Mistral-7B shares only q, up and gate and keeps k and v private. ``shared=auto`` follows them: on
+grouped-query (or multi-query) attention it drops ``k_proj``/``v_proj``/``key``/``value`` from the
+default list. The layout is read from the module shapes of each block group
+(:func:`grouped_query_attention`: k or v has fewer output rows than q, i.e. ``num_key_value_heads <
+num_attention_heads``), so no model config is needed.
 
 Coefficient refit (option ``refit``, off by default): ``dense`` re-solves each member's coefficients
 for its own inputs given the basis, ``C_l = W_l H_l B^T (B H_l B^T)^{-1}`` (least squares, never
@@ -47,7 +55,34 @@ from methods.method import rank_for, register_method
 from methods.shared_basis import SharedBasis, SharedBasisFactorization
 
 DEFAULT_SHARED = "q_proj|k_proj|v_proj|gate_proj|up_proj|fc1|query|key|value"
+AUTO = "auto"
+# Under grouped-query attention the official configs keep these private (Mistral-7B: share q, up, gate).
+KV_PROJECTIONS = ("k_proj", "v_proj", "key", "value")
+QUERY_PROJECTIONS = ("q_proj", "query")
 REFITS = ("none", "dense")
+
+
+def _is(kind: str, names: tuple[str, ...] | list[str]) -> bool:
+    """``kind`` (``self_attn.k_proj``) is one of ``names`` or ends with ``.name``."""
+    return any(kind == p or kind.endswith("." + p) for p in names)
+
+
+def grouped_query_attention(modules: list[ModuleInfo]) -> bool:
+    """True when the attention of these modules has fewer key/value heads than query heads.
+
+    Read from shapes, block by block: a key or value projection with fewer output rows than the
+    query projection of its block (``num_key_value_heads * head_dim < num_attention_heads *
+    head_dim``). Without a query projection among ``modules`` (a target selection that leaves q out)
+    the comparison is against the input width ``hidden``, which the query output equals on
+    Llama-style models.
+    """
+    for block in sorted({m.block for m in modules}):
+        mods = [m for m in modules if m.block == block]
+        query = next((m.out_features for m in mods if _is(m.kind, QUERY_PROJECTIONS)), None)
+        for m in mods:
+            if _is(m.kind, KV_PROJECTIONS) and m.out_features < (m.in_features if query is None else query):
+                return True
+    return False
 
 
 def shared_rank(m: int, n: int, g: int, keep: float) -> int | None:
@@ -80,6 +115,10 @@ class BasisSharingFactorizer:
     Options:
         group_size: Blocks per group (paper: 2; 1 = SVD-LLM).
         shared: ``|``-separated projection names (suffixes of the module's kind) that share bases.
+            The default shares q, k, v, gate and up on every model (the paper's Sec. 3-4 and the
+            official multi-head configs; our choice on grouped-query models). ``auto`` follows the
+            official configs by attention layout: q, k, v, gate, up on multi-head attention; q, gate,
+            up with k and v private on grouped-query attention (their Mistral-7B configs).
         refit: ``none`` (paper default) or ``dense`` (per-layer least-squares coefficients).
     """
 
@@ -98,8 +137,16 @@ class BasisSharingFactorizer:
     def block_group(self) -> int:
         return self.group_size
 
-    def shares(self, kind: str) -> bool:
-        return any(kind == p or kind.endswith("." + p) for p in filter(None, self.shared.split("|")))
+    def shared_names(self, grouped_query: bool = False) -> list[str]:
+        """The projection names that share bases (``auto`` resolved for the attention layout)."""
+        if self.shared == AUTO:
+            names = DEFAULT_SHARED.split("|")
+            return [p for p in names if p not in KV_PROJECTIONS] if grouped_query else names
+        return [p for p in self.shared.split("|") if p]
+
+    def shares(self, kind: str, grouped_query: bool = False) -> bool:
+        """Whether modules of ``kind`` share bases (``grouped_query``: the layout ``auto`` reads)."""
+        return _is(kind, self.shared_names(grouped_query))
 
     def factorize(self, weight: Tensor, stats: LinearStats, rank: int) -> Factorization:
         """A private module: SVD-LLM's whitened truncation."""
@@ -111,8 +158,9 @@ class BasisSharingFactorizer:
         """Factors of every module of one block group (:class:`methods.components.BlockGroupFactorizer`)."""
         out: dict[str, object] = {}
         by_kind: dict[str, list[tuple[ModuleInfo, Tensor, LinearStats, float]]] = {}
+        gqa = self.shared == AUTO and grouped_query_attention([mod for mod, *_ in members])
         for mod, weight, stats, keep in members:
-            if self.shares(mod.kind):
+            if self.shares(mod.kind, gqa):
                 by_kind.setdefault(mod.kind, []).append((mod, weight, stats, keep))
             else:
                 out[mod.name] = self._private(weight, stats, keep)

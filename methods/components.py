@@ -252,5 +252,17 @@ def check_choices(component: Any) -> None:
 
 
 def component_config(component: Any) -> dict[str, Any]:
-    """JSON-able ``{"name": ..., **options}`` of a component (the record's method config)."""
-    return {"name": component.name, **dataclasses.asdict(component)}
+    """JSON-able ``{"name": ..., **options}`` of a component (the record's method config).
+
+    An option listed in the component's ``added_options`` (``{option: value}``) is left out while it
+    holds that value: an option added after records were written, at the value those records used
+    without naming it. Their configs, hence their run keys, stay what they were and they are not
+    called stale; any other value (including a later default) enters the config, so a record can
+    never stand for a reading it did not run (the rule :func:`harness.runs.config.key_fields` follows
+    for fields added to the run key).
+    """
+    config = {"name": component.name, **dataclasses.asdict(component)}
+    for option, implied in getattr(component, "added_options", {}).items():
+        if option in config and config[option] == implied:
+            del config[option]
+    return config

@@ -20,8 +20,22 @@ issue #46: the log of small losses, where ``r`` is computed):
    otherwise. Hence the model removes ``R`` of the target parameters (up to rank floors).
 
 ``offset`` (default 1.5) and ``cap`` (default 0.9: every matrix keeps at least 10 %) follow a
-third-party implementation's reading; the paper states neither. Losses are absolute (they grow with
-the number of calibration tokens; the log damps that), as in the paper.
+third-party implementation's reading; the paper states neither.
+
+Loss scale (option ``loss``). The paper's ``L_i = ||W_i X_i - W_i' X_i||_F`` is a sum over the ``T``
+calibration tokens inside a square root, so it grows like ``sqrt(T)``; because ``1 / log(L + offset)``
+is not scale-free, the ratios then depend on how many tokens the user calibrated on (a module whose
+loss sits near ``1 - offset`` is pushed toward the cap by a smaller calibration, and vice versa):
+
+* ``absolute`` (current default; the paper's definition as written, with the calibration the run
+  happens to have): ``L_i`` as above.
+* ``per-token`` (ours): ``L_i / sqrt(T)`` = ``sqrt(sum_{j > k_i} s_j^2 / T)``, the root mean square
+  over calibration tokens of the output error ``||(W_i - W_i') x_t||``, i.e. the same loss computed
+  with the mean Gram ``H_i / T`` instead of the sum. It is the only normalisation of the paper's
+  loss that leaves the allocation unchanged when the calibration set is repeated (``H`` and ``T``
+  doubled: ``L`` grows by ``sqrt 2``; dividing by ``T`` would shrink it by ``sqrt 2`` instead), and
+  it converges as the calibration grows rather than drifting with its size. ``offset`` keeps its
+  meaning as a shift of the loss, on the per-token scale.
 
 Cost: one eigendecomposition per distinct input and one singular-value computation per target
 linear, on the compute device, reading the stored statistics one block at a time.
@@ -39,17 +53,34 @@ import torch
 from torch import Tensor
 
 from methods._linalg import Whitening
-from methods.components import AllocationContext, register
+from methods.components import AllocationContext, LinearStats, check_choices, register
 from methods.eigen_whitening import stats_eigen_whitening
 from methods.method import rank_for
 
 log = logging.getLogger(__name__)
+
+LOSSES = ("absolute", "per-token")
 
 
 def truncation_loss(weight: Tensor, white: Whitening, k: int) -> float:
     """``sqrt(sum_{j > k} s_j^2)`` for ``s`` the singular values of ``W T`` (float64)."""
     s = torch.linalg.svdvals(weight.to(torch.float64) @ white.factor)
     return float(s[k:].pow(2).sum().sqrt())
+
+
+def loss_scale(stats: LinearStats, loss: str) -> float:
+    """The factor that turns the absolute truncation loss into the ``loss`` reading (module docstring):
+    1 for ``absolute``, ``1 / sqrt(T)`` for ``per-token`` with ``T = stats.tokens`` calibration tokens.
+
+    Raises:
+        ValueError: for ``per-token`` when the statistics carry no token count.
+    """
+    if loss == "absolute":
+        return 1.0
+    if stats.tokens <= 0:
+        raise ValueError("heterogeneous.loss=per-token needs the number of calibration tokens behind each Gram "
+                         "(LinearStats.tokens); these statistics carry none")
+    return 1.0 / math.sqrt(stats.tokens)
 
 
 def group_ratios(losses: Sequence[float], params: Sequence[int], ratio: float, offset: float, cap: float) -> list[float]:
@@ -89,21 +120,32 @@ class HeterogeneousAllocator:
     """SVD-LLM V2's per-type, loss-driven ratios (module docstring).
 
     Options:
-        offset: Added to each loss before the log (> 1 keeps every weight positive and finite).
-        cap: Largest compression ratio of one matrix.
+        offset: Added to each loss before the log (> 1 keeps every weight positive and finite; the
+            paper writes ``1 / log(L)``, 1.5 is a third-party reading).
+        cap: Largest compression ratio of one matrix (not in the paper; a third-party reading).
+        loss: Scale of the truncation loss fed to ``1 / log(L + offset)``: ``absolute`` (default; the
+            paper's ``||W X - W' X||_F`` as written, which grows like the square root of the number
+            of calibration tokens, so the ratios depend on the calibration size) or ``per-token``
+            (ours: divided by ``sqrt(T)``, the per-token root mean square error; the allocation is
+            then unchanged when the calibration is repeated).
     """
 
     name: ClassVar[str] = "heterogeneous"
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"loss": LOSSES}
+    # Records written before ``loss`` existed ran the absolute loss (methods.components.component_config).
+    added_options: ClassVar[dict[str, object]] = {"loss": "absolute"}
     uses_calibration: ClassVar[bool] = True  # reads every module's Gram (and weight) before allocating
     offset: float = 1.5
     cap: float = 0.9
+    loss: str = "absolute"
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if not (self.offset > 1.0 and 0.0 < self.cap < 1.0):
             raise ValueError(f"heterogeneous needs offset > 1 and 0 < cap < 1, got {self.offset}, {self.cap}")
 
     def losses(self, ctx: AllocationContext, ratio: float) -> dict[str, float]:
-        """``L_i`` per module at ``ratio``, reading the store one block at a time."""
+        """``L_i`` per module at ``ratio`` in the ``loss`` reading, reading the store one block at a time."""
         if ctx.load_block is None or ctx.load_weight is None:
             raise RuntimeError(f"allocator {self.name!r} needs the stored statistics and weights; run it through the harness")
         out: dict[str, float] = {}
@@ -111,8 +153,9 @@ class HeterogeneousAllocator:
             stats = ctx.load_block(block)
             for mod in (m for m in ctx.modules if m.block == block):
                 k = rank_for(mod.out_features, mod.in_features, 1.0 - ratio)
+                st = stats[mod.name]
                 out[mod.name] = 0.0 if k is None else truncation_loss(
-                    ctx.load_weight(mod.name), stats_eigen_whitening(stats[mod.name]), k)
+                    ctx.load_weight(mod.name), stats_eigen_whitening(st), k) * loss_scale(st, self.loss)
         return out
 
     def allocate(self, ctx: AllocationContext, ratio: float) -> dict[str, float]:

@@ -19,10 +19,17 @@ engine probe offers, so the rule here is explicit and recorded (defaults in brac
 
 * ``fraction`` [0.8]: compress the last ``ceil(fraction L)`` blocks (at 0.2 on 30 blocks: 24 blocks
   at 25 % removal each), or more when the cap needs more. Chosen from a sweep over ``L_c`` on
-  SmolLM2-135M (``docs/methods/ressvd.md``); no paper states it.
+  SmolLM2-135M scored on the evaluation windows (``docs/methods/ressvd.md``), so it is tuned on the
+  test text; no paper states it.
+* ``fraction=None`` (``ressvd[last-layers.fraction=None]``): the smallest ``L_c`` the cap allows,
+  i.e. ``min {L_c : c sum_b P_b / S(L_c) <= cap}`` (for ``L`` equal blocks ``ceil(c L / cap)``).
+  It looks at no text at all, only at the ratio, the cap and the block sizes, and it is the reading
+  of the paper's stated aim (keep as many early blocks dense as the per-block removal allows, so
+  that less error enters and propagates through the residual stream) with v1's "computed from the
+  overall ratio and the number of layers": the paper-defensible fixed rule. Every compressed block
+  then removes about ``cap`` (exactly ``cap`` when ``c L / cap`` is an integer).
 * ``cap`` [0.8]: no block may remove more than this fraction (ranks collapse beyond it);
-  ``L_c`` is never below the smallest count the cap allows. ``fraction=None`` selects that smallest
-  count alone (the previous rule: every compressed block then removes about ``cap``).
+  ``L_c`` is never below the smallest count the cap allows.
 * ``blocks``: an explicit ``L_c``, which overrides both.
 
 A ratio that even ``L_c = L`` cannot meet (``c > cap``), or a given ``L_c`` that would need
@@ -185,8 +192,12 @@ class LastLayersAllocator:
     Attributes:
         blocks: ``L_c``; None applies the rule of ``fraction`` and ``cap``.
         fraction: Share of the decoder blocks to compress, ``L_c = ceil(fraction L)`` or more when
-            ``cap`` needs more (default 0.8; None: the smallest ``L_c`` the cap allows).
-        cap: Largest fraction any compressed block (and module) may remove, in (0, 1).
+            ``cap`` needs more. Default 0.8: ours, chosen by a sweep scored on the evaluation
+            windows (tuned on the test text; no paper states it). None: the smallest ``L_c`` the cap
+            allows (the paper-defensible fixed rule: as many early blocks dense as the cap permits,
+            computed from the ratio and the block sizes only).
+        cap: Largest fraction any compressed block (and module) may remove, in (0, 1) (ours; the
+            papers give none).
     """
 
     name: ClassVar[str] = "last-layers"

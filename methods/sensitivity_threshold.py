@@ -1,10 +1,19 @@
 """ASVD's sensitivity-based truncation rank search (STRS; Yuan et al., arXiv 2312.05821, Sec. 3.3).
 
-Sensitivity: for every target linear ``j`` and every candidate keep ratio ``p`` (ASVD's code:
-``{0.1, ..., 0.9}``), replace module ``j`` alone by its rank-``k(p)`` factorization, keep every other
-module dense, and measure the perplexity ``P_j(p)`` on the calibration windows. The engine probe
+Sensitivity: for every target linear ``j`` and every candidate keep ratio ``p``, replace module ``j``
+alone by its rank-``k(p)`` factorization, keep every other module dense, and measure the perplexity
+``P_j(p)`` on the calibration windows. The engine probe
 ``asvd_sensitivity`` measures it (``harness/engine/probes/asvd_sensitivity.py``) with the method's own
 factorizer, so ``svd-llm+asvd-sensitivity`` ranks modules by their whitened truncations.
+
+Candidate grid (options ``min_keep``, ``step``, ``max_keep``): two readings exist.
+
+* paper era: ``{0.1, 0.2, ..., 0.9}``, what the paper's experiments ran and what ASVD's code used
+  until October 2024 (``min_keep=0.1``, the current default);
+* official code now: ``{0.4, 0.5, ..., 0.9}``, since the authors' commit "reduce
+  param_ratio_candidates" of 2024-10-22 (hahnyuan/ASVD4LLM ``sensitivity.py``; the wider grid stays
+  there only for KV-cache compression): ``asvd[asvd-sensitivity.min_keep=0.4]``. With it no module
+  keeps less than 40 % of its parameters.
 
 Threshold search: list every triple ``(j, p, P_j(p))`` and sort by perplexity, highest first. A
 threshold index ``t`` allows the triples at and after ``t`` (the least harmful ones); module ``j``
@@ -12,19 +21,20 @@ takes the smallest allowed keep, or stays dense when none of its triples is allo
 with ``t``; a binary search finds the **largest** ``t`` whose storage fits the budget
 ``(1 - ratio) sum m n``, i.e. the least perplexity-increasing set of choices that still compresses
 at least as much as asked. ASVD's code stops its loop at this boundary but keeps the ``mid`` of its
-last iteration, which can sit one triple on either side; we always take the side that fits. Storage counts the real factor sizes ``k (m + n)`` (``floor`` ranks;
-ASVD's code counts ``p m n``). ASVD also compresses ``lm_head``; the harness's targets are the
-block linears only.
+last iteration, which can sit one triple on either side; we always take the side that fits. Storage
+counts the real factor sizes ``k (m + n)`` (``floor`` ranks; ASVD's code counts ``p m n``). ASVD
+also compresses ``lm_head``; the harness's targets are the block linears only.
 
-Monotone tables (option ``monotone``, ours, on by default): a perplexity that is lower at a smaller
-keep than at a larger one is measurement noise (fewer parameters cannot help), yet the literal rule
-then lets the module jump from dense straight to its noisy smallest keep, so one threshold step can
-move the achieved ratio far past the request. With ``monotone`` each module's table is first replaced
-by its envelope ``P'_j(p) = max_{p' >= p} P_j(p')`` (non-increasing in ``p``): the allowed keeps of a
-module are then an interval up to dense, one threshold step moves one module by one candidate step,
-and the achieved ratio lies above the request by less than one candidate step of one module (plus
-the rank floors). Where the measured tables are monotone already (the usual case on trained LLMs)
-both rules agree; ``monotone=false`` is ASVD's literal rule.
+Monotone tables (option ``monotone``; ours, on by default, in neither the paper nor the code): a
+perplexity that is lower at a smaller keep than at a larger one is measurement noise (fewer
+parameters cannot help), yet the literal rule then lets the module jump from dense straight to its
+noisy smallest keep, so one threshold step can move the achieved ratio far past the request. With
+``monotone`` each module's table is first replaced by its envelope ``P'_j(p) = max_{p' >= p} P_j(p')``
+(non-increasing in ``p``): the allowed keeps of a module are then an interval up to dense, one
+threshold step moves one module by one candidate step, and the achieved ratio lies above the
+request by less than one candidate step of one module (plus the rank floors). Where a measured
+table is monotone both rules agree on it; with noisy tables they can differ on many modules.
+``monotone=false`` is the paper's and the official code's literal rule.
 """
 
 from __future__ import annotations
@@ -109,11 +119,14 @@ class SensitivityThresholdAllocator:
     """ASVD's STRS allocation (module docstring).
 
     Options:
-        step: Spacing of the candidate keep ratios (ASVD's code: 0.1).
-        min_keep: Smallest candidate keep (ASVD's code: 0.1).
-        max_keep: Largest candidate keep below dense (ASVD's code: 0.9).
+        step: Spacing of the candidate keep ratios (paper and official code: 0.1).
+        min_keep: Smallest candidate keep: 0.1 (default) is the paper-era grid 0.1..0.9 (the official
+            code until 2024-10-22); 0.4 is the official code's grid 0.4..0.9 since then.
+        max_keep: Largest candidate keep below dense (paper and official code: 0.9).
         n_sequences: Calibration windows of the perplexity probe (ASVD's default calibration: 32).
-        monotone: Threshold each module's non-increasing envelope (ours; false = ASVD's literal rule).
+        monotone: Threshold each module's non-increasing envelope of its table (default true: ours,
+            in neither the paper nor the code); false is the paper's and the official code's
+            literal rule on the measured table.
     """
 
     name: ClassVar[str] = "asvd-sensitivity"

@@ -10,10 +10,20 @@ The permutation of each batch comes from a generator seeded by ``seed`` and the 
 dense and compressed streams and every block see the same groups. Groups may span batches; an
 incomplete last group is dropped. Padded (masked) batches are refused: averaging needs aligned
 positions.
+
+The paper's group size (``mini_bsz="paper"``): ``mini_bsz = ceil(N / M)`` for ``N`` calibration
+samples, ``M`` the number of samples that fit the GPU in one update (32 on their A100, so 8 for
+their N = 256). Grams cost no memory per sample here, so ``M`` is fixed at the paper's 32: the rule
+then stacks the same way on every machine. It needs ``N``, which only the engine knows once the
+calibration is drawn: the engine calls :meth:`StackedGrams.for_samples`
+(:func:`methods.statistics.for_samples`) before collecting, and a rule that gives 1 (``N <= 32``)
+collects nothing, i.e. stacking is off.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,6 +31,24 @@ import torch
 from torch import Tensor
 
 from methods.statistics import Accumulator, GramProduct
+
+PAPER = "paper"
+PAPER_FIT = 32  # M: samples per update on the paper's A100 (Sec. 3.1, stack-of-batch)
+
+
+def paper_mini_bsz(n_samples: int, fit: int = PAPER_FIT) -> int:
+    """AdaSVD's stack-of-batch group size ``mini_bsz = ceil(N / M)`` (1 means nothing is stacked).
+
+    Args:
+        n_samples: ``N``, the number of calibration samples (windows).
+        fit: ``M``, the samples that fit one update (the paper's 32).
+
+    Returns:
+        ``ceil(N / M)``, at least 1: 1 for ``N <= 32``, 8 for ``N = 256``.
+    """
+    if n_samples < 1 or fit < 1:
+        raise ValueError(f"stack-of-batch needs N >= 1 samples and M >= 1, got N={n_samples}, M={fit}")
+    return max(1, math.ceil(n_samples / fit))
 
 
 def batch_permutation(size: int, seed: int, batch: int) -> Tensor:
@@ -73,14 +101,15 @@ class StackedGrams:
     """Grams of averaged groups of ``mini_bsz`` shuffled samples (module docstring).
 
     Attributes:
-        mini_bsz: Samples per stacked group (>= 2).
+        mini_bsz: Samples per stacked group (>= 2), or ``"paper"``: ``ceil(N / 32)``, resolved by
+            :meth:`for_samples` once the number of calibration samples is known.
         seed: Seed of the per-batch shuffles.
         paired: Also the compressed stream's stacked Gram and the dense-by-compressed cross Gram
             (``gram_hat_stacked``, ``cross_stacked``); otherwise only ``gram_stacked`` (dense stream,
             cacheable).
     """
 
-    mini_bsz: int
+    mini_bsz: int | str
     seed: int = 0
     paired: bool = False
     scope: ClassVar[str] = "linear-input"
@@ -99,5 +128,21 @@ class StackedGrams:
     def key(self) -> str:
         return f"stacked-grams[mini_bsz={self.mini_bsz},seed={self.seed},paired={int(self.paired)}]"
 
+    @property
+    def depends_on_samples(self) -> bool:
+        """True while ``mini_bsz`` is the paper's rule, i.e. until :meth:`for_samples` resolves it."""
+        return self.mini_bsz == PAPER
+
+    def for_samples(self, n_samples: int) -> StackedGrams | None:
+        """This statistic for ``n_samples`` calibration samples: the paper's rule resolved to its group
+        size, or None when it gives 1 (nothing to stack); a fixed ``mini_bsz`` is returned as is."""
+        if self.mini_bsz != PAPER:
+            return self
+        size = paper_mini_bsz(n_samples)
+        return None if size < 2 else dataclasses.replace(self, mini_bsz=size)
+
     def accumulator(self, n: int, device: torch.device, product: GramProduct) -> Accumulator:
+        if isinstance(self.mini_bsz, str):
+            raise RuntimeError(f"stack-of-batch mini_bsz={self.mini_bsz!r} depends on the number of calibration "
+                               "samples: resolve it with for_samples(N) before collecting")
         return _StackAcc(n, device, product, self.mini_bsz, self.seed, self.paired)

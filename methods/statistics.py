@@ -193,6 +193,32 @@ class CompressedPrefixGrams:
         return {"calib_rel_error_compressed": err / energy}
 
 
+def for_samples(declared: list[Statistic], n_samples: int) -> list[Statistic]:
+    """``declared`` with the options that depend on the number of calibration samples resolved.
+
+    A statistic whose options follow a rule in ``N`` (e.g. AdaSVD's stack-of-batch group size
+    ``ceil(N / 32)``, :mod:`methods.stack_of_batch`) defines ``for_samples(n_samples)``, returning
+    the resolved statistic, or None when the rule leaves nothing to collect, and says whether it
+    still needs ``N`` with a ``depends_on_samples`` attribute. The engine calls this once the
+    calibration is drawn, before it collects or loads anything, so keys and accumulators only ever
+    see resolved options.
+
+    Args:
+        declared: What a method declares (``Method.statistics()``).
+        n_samples: ``N``, the calibration samples (windows) of the run.
+
+    Returns:
+        The resolved statistics, in order, without those a rule dropped.
+    """
+    out: list[Statistic] = []
+    for stat in declared:
+        resolve = getattr(stat, "for_samples", None)
+        resolved = resolve(n_samples) if callable(resolve) else stat
+        if resolved is not None:
+            out.append(resolved)
+    return out
+
+
 def union(declared: list[Statistic]) -> list[Statistic]:
     """Distinct statistics in first-declared order; two statistics may not produce the same name.
 

@@ -167,7 +167,7 @@ def install(model: nn.Module, mod: ModuleInfo, method: Method, weight: torch.Ten
 
 def _compress(model: nn.Module, layout: Layout, method: Method, ratio: float, source: CalibrationStatistics,
               probes: dict[str, Any], result: CompressionResult) -> None:
-    declared = method.statistics()
+    declared = source.resolve(method.statistics())  # rules in N (stack-of-batch "paper") resolved here
     dense = [s for s in declared if s.stream == "dense"]
     paired = [s for s in declared if s.stream == "paired"]
     missing = source.missing(dense)

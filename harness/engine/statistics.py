@@ -25,7 +25,7 @@ from harness.engine.models import Layout
 from harness.engine.store import StatsStore, StoreWriter
 from harness.engine.stream import BlockStatistics, StreamReport, stream_blocks
 from methods import LinearStats
-from methods.statistics import GramProduct, InputGram, Statistic
+from methods.statistics import GramProduct, InputGram, Statistic, for_samples
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,19 @@ class CalibrationStatistics:
             return self.product.mode
         index = self.store.directory(InputGram().key).index
         return None if index is None else index.get("gram_product")
+
+    def n_samples(self) -> int:
+        """``N``, the calibration samples (windows): from the token ids, else counted in the block inputs."""
+        if self.windows is not None:
+            return int(self.windows[0].shape[0])
+        return sum(int(b.hidden.shape[0]) for b in self.batches())
+
+    def resolve(self, statistics: list[Statistic]) -> list[Statistic]:
+        """``statistics`` with the options that depend on ``N`` resolved for this calibration
+        (:func:`methods.statistics.for_samples`, e.g. AdaSVD's stack-of-batch rule ``ceil(N / 32)``)."""
+        if not any(getattr(s, "depends_on_samples", False) for s in statistics):
+            return list(statistics)  # N is not needed (counting it may mean capturing the block inputs)
+        return for_samples(list(statistics), self.n_samples())
 
     # -- what is stored ----------------------------------------------------------------------------
     def missing(self, statistics: list[Statistic]) -> list[Statistic]:

@@ -158,7 +158,7 @@ class Session:
             return {}
         source = self.statistics()
         assert self.calibration is not None
-        dense = method.statistics()
+        dense = source.resolve(method.statistics())
         ctx = ProbeContext(self.model, self.layout, self.calibration.input_ids, self.calibration.attention_mask,
                            self.prep.device, self.model_info, lambda i: source.load(i, dense)[0])
         return build_probes(method.probes, ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.engine.statistics import CalibrationStatistics
 from methods import AllocationContext, LinearStats, ModuleInfo, parse_method, rank_for
 from methods._linalg import truncated_svd, whitened_truncate, whitening
 from methods.adacomp import (
@@ -20,7 +21,10 @@ from methods.adacomp import (
     v_step_same,
 )
 from methods.adacr import AdaCRAllocator, block_importance, budgeted_keeps
+from methods.describe import option_descriptions
 from methods.lowrank import Factorization
+from methods.stack_of_batch import StackedGrams, paper_mini_bsz
+from methods.statistics import GramProduct, for_samples
 
 F64 = torch.float64
 
@@ -346,3 +350,73 @@ def test_registry_compositions():
     opt = parse_method("svd-llm+adacomp[adacomp.iters=3,adacomp.inputs=dense,adacomp.init=plain,adacomp.shrinkage=norm]")
     assert (opt.refiner.iters, opt.refiner.shrinkage) == (3, "norm") and not opt.needs_compressed_inputs
     assert parse_method("adasvd[adacr.mrr_delta=0.05,adacr.max_keep=0.99]").allocator.max_keep == 0.99
+
+
+# -- stack-of-batch by the paper's rule: mini_bsz = ceil(N / M), M = 32 ------------------------------
+
+def test_paper_rule_is_off_up_to_32_samples_and_8_at_256():
+    assert [paper_mini_bsz(n) for n in (1, 16, 32)] == [1, 1, 1]
+    assert [paper_mini_bsz(n) for n in (33, 64, 128, 256, 257)] == [2, 2, 4, 8, 9]
+    with pytest.raises(ValueError):
+        paper_mini_bsz(0)
+    stat = StackedGrams("paper", paired=True)
+    assert stat.for_samples(32) is None  # off: nothing to collect
+    assert stat.for_samples(256) == StackedGrams(8, paired=True)  # same key (and cache) as an explicit 8
+    assert StackedGrams(4).for_samples(256) == StackedGrams(4)  # a fixed mini_bsz ignores N
+    with pytest.raises(RuntimeError, match="for_samples"):
+        stat.accumulator(3, torch.device("cpu"), GramProduct())
+
+
+def test_paper_rule_resolves_in_the_engine_with_n_known():
+    method = parse_method("adasvd[adacomp.stack_of_batch=paper]")
+    assert method.refiner.stack_of_batch == "paper" and method.needs_compressed_inputs
+    declared = method.statistics()
+    assert "stacked-grams[mini_bsz=paper,seed=0,paired=1]" in [s.key for s in declared]
+
+    def resolved(n: int) -> list[str]:
+        ids = torch.zeros(n, 4, dtype=torch.long)  # only N is read
+        source = CalibrationStatistics(None, None, lambda: [], torch.device("cpu"), None, {}, windows=(ids, None))
+        return [s.key for s in source.resolve(declared)]
+
+    assert not any(k.startswith("stacked-grams") for k in resolved(32))
+    assert "stacked-grams[mini_bsz=8,seed=0,paired=1]" in resolved(256)
+    assert [s.key for s in for_samples(declared, 256)] == resolved(256)
+    # N is only counted when a rule needs it: a fixed mini_bsz never captures the block inputs.
+    assert StackedGrams("paper").depends_on_samples and not StackedGrams(4).depends_on_samples
+
+    def no_batches():
+        raise AssertionError("N was counted although nothing depends on it")
+
+    blind = CalibrationStatistics(None, None, no_batches, torch.device("cpu"), None, {})
+    fixed = parse_method("adasvd[adacomp.stack_of_batch=4]").statistics()
+    assert blind.resolve(fixed) == fixed
+    # The default stays off whatever N (unchanged until it is measured), and its config is unchanged.
+    assert AdaCompRefiner().stack_of_batch == 0
+    assert parse_method("adasvd").config()["refiner"]["stack_of_batch"] == 0
+
+
+@pytest.mark.parametrize("target", ["same", "dense"])
+def test_paper_rule_fits_stacked_grams_when_collected_and_plain_ones_when_off(target):
+    w, x, xh = _problem(seed=9)
+    start = Factorization(*truncated_svd(w, 3)[:2])
+    paper = AdaCompRefiner(stack_of_batch="paper", target=target, iters=3)
+    # N <= 32: the rule resolved to 1, nothing stacked was collected: exactly the unstacked refiner.
+    off = paper.refine(w, start, _stats(x, xh))
+    plain = AdaCompRefiner(target=target, iters=3).refine(w, start, _stats(x, xh))
+    assert torch.equal(off.a, plain.a) and torch.equal(off.b, plain.b)
+    # N > 32: the engine collected the stacked Grams; the rule fits them like a fixed mini_bsz.
+    stats = _stats(x, xh)
+    xs, xhs = x[:, :50], xh[:, :50]
+    stats.gram_stacked, stats.gram_hat_stacked, stats.cross_stacked = xs @ xs.T, xhs @ xhs.T, xs @ xhs.T
+    assert paper.grams(stats).gram_hat is stats.gram_hat_stacked
+    stacked = paper.refine(w, start, stats)
+    fixed = AdaCompRefiner(stack_of_batch=8, target=target, iters=3).refine(w, start, stats)
+    assert torch.equal(stacked.a, fixed.a) and torch.equal(stacked.b, fixed.b)
+
+
+@pytest.mark.parametrize("bad", ["papers", "8", 1, -2, 2.5, True])
+def test_stack_of_batch_accepts_only_off_paper_or_an_integer_from_2(bad):
+    with pytest.raises(ValueError, match="stack_of_batch"):
+        AdaCompRefiner(stack_of_batch=bad)
+    assert AdaCompRefiner(stack_of_batch=2).stacks and not AdaCompRefiner().stacks
+    assert "ceil(N / 32)" in option_descriptions(AdaCompRefiner)["stack_of_batch"]

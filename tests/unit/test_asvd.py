@@ -11,6 +11,7 @@ from methods import ModuleInfo, parse_method
 from methods.activation_aware import ActivationAwareFactorizer, channel_scaling, scaled_truncate
 from methods.activation_stats import InputAbsMean
 from methods.components import AllocationContext, LinearStats
+from methods.describe import option_descriptions
 from methods.knapsack import option_cost
 from methods.sensitivity_threshold import (
     SensitivityThresholdAllocator,
@@ -83,9 +84,9 @@ def _modules(blocks: int = 3) -> list[ModuleInfo]:
     return [ModuleInfo(f"layers.{b}.{k}", b, k, *s) for b in range(blocks) for k, s in shapes.items()]
 
 
-def _table(modules, seed: int, noise: float = 0.0) -> dict[str, dict[float, float]]:
+def _table(modules, seed: int, noise: float = 0.0, min_keep: float = 0.1) -> dict[str, dict[float, float]]:
     g = torch.Generator().manual_seed(seed)
-    keeps = candidate_grid(0.1, 0.1, 0.9)
+    keeps = candidate_grid(0.1, min_keep, 0.9)
     out = {}
     for m in modules:
         sens = float(torch.rand(1, generator=g)) * 5 + 0.1
@@ -95,6 +96,51 @@ def _table(modules, seed: int, noise: float = 0.0) -> dict[str, dict[float, floa
 
 def test_candidate_grid_is_the_papers():
     assert candidate_grid(0.1, 0.1, 0.9) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def test_both_candidate_grids_are_reachable_and_documented():
+    """Paper era (and the official code until 2024-10-22): 0.1..0.9, the default; official code since: 0.4..0.9."""
+    assert SensitivityThresholdAllocator().min_keep == 0.1  # the default is unchanged until it is measured
+    official = parse_method("asvd[asvd-sensitivity.min_keep=0.4]").allocator
+    assert candidate_grid(official.step, official.min_keep, official.max_keep) == [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    help_text = option_descriptions(SensitivityThresholdAllocator)
+    assert "0.4" in help_text["min_keep"] and "0.1" in help_text["min_keep"] and "2024-10-22" in help_text["min_keep"]
+    assert "literal rule" in help_text["monotone"] and "ours" in help_text["monotone"]
+    assert "ASVD's code: 0.1" not in (SensitivityThresholdAllocator.__doc__ or "")
+    # On the official grid no module keeps less than 40 %, whatever the table says.
+    modules = _modules()
+    table = _table(modules, seed=3, noise=3.0, min_keep=0.4)
+    ctx = AllocationContext(modules, 3, probes={"asvd_sensitivity": lambda keeps, n, f: table},
+                            factorizer=ActivationAwareFactorizer())
+    keeps = official.allocate(ctx, 0.4)
+    assert min(keeps.values()) >= 0.4 and set(keeps.values()) <= {0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0}
+
+
+def _paper_threshold_rule(modules, table, budget):
+    """ASVD's rule restated in perplexity terms (paper Sec. 3.3): a threshold perplexity ``tau`` allows
+    every (module, keep) whose measured perplexity is at most ``tau``; each module takes its smallest
+    allowed keep (dense when none); the search returns the lowest ``tau`` whose storage fits."""
+    best = None
+    for tau in sorted({v for row in table.values() for v in row.values()}, reverse=True):
+        keeps = {m.name: min([p for p, v in table[m.name].items() if v <= tau], default=1.0) for m in modules}
+        if sum(option_cost(m, keeps[m.name]) for m in modules) <= budget:
+            best = keeps  # tau descends: the last one that fits is the lowest
+    return best
+
+
+@pytest.mark.parametrize("min_keep", [0.1, 0.4])
+@pytest.mark.parametrize("ratio,seed", [(0.2, 1), (0.4, 2), (0.3, 5)])
+def test_literal_rule_is_the_papers_threshold_rule_on_noisy_tables(min_keep, ratio, seed):
+    """monotone=false on non-monotone (noisy) tables, on both grids: exactly the paper's rule."""
+    modules = _modules()
+    table = _table(modules, seed=seed, noise=3.0, min_keep=min_keep)
+    assert any(row[a] < row[b] for row in table.values() for a, b in itertools.pairwise(sorted(row)))  # not monotone
+    budget = (1 - ratio) * sum(m.params for m in modules)
+    assert threshold_keeps(modules, table, budget, monotone=False) == _paper_threshold_rule(modules, table, budget)
+    # The envelope (ours) is the same rule applied to the envelope tables.
+    envelope = {name: monotone_envelope(row) for name, row in table.items()}
+    enveloped = threshold_keeps(modules, table, budget, monotone=True)
+    assert enveloped == threshold_keeps(modules, envelope, budget, monotone=False)
 
 
 def test_monotone_envelope_is_non_increasing_and_above_the_table():

@@ -11,7 +11,13 @@ from torch import nn
 
 from methods import ModuleInfo, parse_method
 from methods._linalg import output_error, whitened_truncate, whitening
-from methods.basis_sharing import BasisSharingFactorizer, refit_coefficients, shared_rank
+from methods.basis_sharing import (
+    DEFAULT_SHARED,
+    BasisSharingFactorizer,
+    grouped_query_attention,
+    refit_coefficients,
+    shared_rank,
+)
 from methods.components import LinearStats
 from methods.method import rank_for
 from methods.shared_basis import SharedBasisFactorization, SharedBasisLinear
@@ -127,3 +133,77 @@ def test_shapes_must_agree_and_refiners_are_refused():
     assert not BasisSharingFactorizer(shared="up_proj").shares("mlp.gate_proj")
     m = parse_method("basis-sharing")
     assert m.block_group == 2 and m.config()["factorizer"]["refit"] == "none"
+
+
+# -- shared=auto: the shared projection types follow the attention layout (official configs) --------
+
+MHA = {"self_attn.q_proj": (32, 32), "self_attn.k_proj": (32, 32), "self_attn.v_proj": (32, 32),
+       "self_attn.o_proj": (32, 32), "mlp.gate_proj": (64, 32), "mlp.up_proj": (64, 32), "mlp.down_proj": (32, 64)}
+GQA = {**MHA, "self_attn.k_proj": (8, 32), "self_attn.v_proj": (8, 32)}  # 4 query heads, 1 key/value head
+
+
+def _layout_members(shapes: dict[str, tuple[int, int]], blocks: int = 2, keep: float = 0.5):
+    """Every module of ``blocks`` blocks of one attention layout; q/k/v and gate/up share a Gram."""
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for b in range(blocks):
+        grams: dict[str, LinearStats] = {}
+        for kind, (m, n) in shapes.items():
+            source = kind if kind.endswith(("o_proj", "down_proj")) else kind.split(".")[0]
+            if source not in grams:
+                x = torch.randn(200, n, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, n, dtype=torch.float64)
+                grams[source] = LinearStats(x.T @ x, 200)
+            out.append((ModuleInfo(f"layers.{b}.{kind}", b, kind, m, n),
+                        torch.randn(m, n, generator=g, dtype=torch.float64), grams[source], keep))
+    return out
+
+
+def _shared_kinds(facts, members) -> set[str]:
+    return {mod.kind for mod, *_ in members if isinstance(facts[mod.name], SharedBasisFactorization)}
+
+
+def test_auto_keeps_k_and_v_private_on_grouped_query_attention():
+    members = _layout_members(GQA)
+    assert grouped_query_attention([mod for mod, *_ in members])
+    auto = parse_method("basis-sharing[basis-sharing.shared=auto]").factorizer
+    facts = auto.factorize_blocks(members)
+    assert _shared_kinds(facts, members) == {"self_attn.q_proj", "mlp.gate_proj", "mlp.up_proj"}
+    # k and v private: each is SVD-LLM's whitened truncation of its own matrix at its own keep.
+    for mod, w, st, keep in members:
+        if mod.kind in ("self_attn.k_proj", "self_attn.v_proj"):
+            a, b, _ = whitened_truncate(w, st.whitening(), rank_for(mod.out_features, mod.in_features, keep))
+            assert torch.equal(facts[mod.name].a, a) and torch.equal(facts[mod.name].b, b)
+    # The default (ours on GQA) still shares them.
+    default = BasisSharingFactorizer().factorize_blocks(members)
+    assert {"self_attn.k_proj", "self_attn.v_proj"} <= _shared_kinds(default, members)
+
+
+def test_auto_shares_q_k_v_gate_up_on_multi_head_attention_like_the_default():
+    members = _layout_members(MHA)
+    assert not grouped_query_attention([mod for mod, *_ in members])
+    facts = BasisSharingFactorizer(shared="auto").factorize_blocks(members)
+    expected = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"}
+    assert _shared_kinds(facts, members) == expected
+    default = BasisSharingFactorizer().factorize_blocks(members)
+    for mod, *_ in members:  # on MHA auto is the default, factor for factor
+        assert torch.equal(facts[mod.name].a, default[mod.name].a) and torch.equal(facts[mod.name].b, default[mod.name].b)
+
+
+def test_attention_layout_is_read_from_shapes():
+    def mods(shapes):
+        return [ModuleInfo(f"layers.0.{k}", 0, k, *s) for k, s in shapes.items()]
+
+    assert grouped_query_attention(mods(GQA)) and not grouped_query_attention(mods(MHA))
+    # Gemma-3-like multi-query attention: q wider than the hidden size (4 x 256 > 640), k/v one head.
+    gemma = {"self_attn.q_proj": (1024, 640), "self_attn.k_proj": (256, 640), "self_attn.v_proj": (256, 640)}
+    assert grouped_query_attention(mods(gemma))
+    # Without q among the targets, k/v are compared with the input width; BERT's names are read too.
+    assert grouped_query_attention(mods({"self_attn.k_proj": (8, 32), "mlp.up_proj": (64, 32)}))
+    assert not grouped_query_attention(mods({"attention.self.query": (32, 32), "attention.self.key": (32, 32)}))
+    names = BasisSharingFactorizer(shared="auto")
+    assert names.shared_names(grouped_query=True) == ["q_proj", "gate_proj", "up_proj", "fc1", "query"]
+    assert "|".join(names.shared_names(grouped_query=False)) == DEFAULT_SHARED
+    # auto is a value of the existing option: the default's config (and the shipped run keys) is unchanged.
+    assert parse_method("basis-sharing").config()["factorizer"] == {
+        "name": "basis-sharing", "group_size": 2, "shared": DEFAULT_SHARED, "refit": "none"}
+    assert parse_method("basis-sharing[basis-sharing.shared=auto]").config()["factorizer"]["shared"] == "auto"

@@ -337,3 +337,32 @@ def test_ratio_the_cap_cannot_meet_is_a_clear_error():
 def test_keep_one_leaves_non_square_modules_dense():
     """The engine's rank_for: floor(m n / (m + n)) would still save parameters on a 160 x 64 matrix."""
     assert rank_for(160, 64, 1.0) is None and rank_for(64, 64, 1.0) is None
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.35, 0.5, 0.7])
+@pytest.mark.parametrize("widths", [None, [32, 48, 64, 96, 128, 64, 80, 112], [128, 112, 96, 80, 64, 48, 40, 32]])
+def test_fraction_none_is_the_smallest_count_the_cap_allows(ratio, widths):
+    """The text-free rule: the smallest L_c whose compressed blocks each remove at most ``cap``, brute-forced
+    over every L_c, with the overall ratio met and every earlier block dense."""
+    cap, n = 0.8, 8
+    mods = _llama_like(n, widths=widths)
+    block_params = [sum(m.params for m in mods if m.block == b) for b in range(n)]
+    total = sum(block_params)
+    allowed = [lc for lc in range(1, n + 1) if ratio * total / sum(block_params[n - lc:]) <= cap + 1e-9]
+    alloc = parse_method("ressvd[last-layers.fraction=None]").allocator
+    assert alloc.fraction is None and parse_method("ressvd[last-layers.fraction=null]").allocator == alloc
+    keeps = alloc.allocate(AllocationContext(mods, n), ratio)
+    plan = plan_last_layers(mods, n, ratio, cap=cap, fraction=None)
+    assert keeps == plan.keeps and plan.n_compressed == min(allowed)
+    assert ratio - 1e-12 <= _achieved(mods, keeps)  # the overall ratio is met
+    for b in range(n):
+        blk = [m for m in mods if m.block == b]
+        if b < plan.first_block:
+            assert all(keeps[m.name] == 1.0 for m in blk)
+            continue
+        # Each compressed block removes c_block <= cap before rounding, and at most one rank step more after it.
+        removed = sum(m.params - plan.ranks[m.name] * (m.out_features + m.in_features) for m in blk)
+        step = max((m.out_features + m.in_features) / m.params for m in blk)
+        assert plan.block_removal <= cap + 1e-9 and removed / sum(m.params for m in blk) <= cap + step
+    # It reads no text: only the ratio, the cap and the block sizes (the same plan for any calibration).
+    assert LastLayersAllocator(fraction=None).allocate(AllocationContext(mods, n, stats={}), ratio) == keeps

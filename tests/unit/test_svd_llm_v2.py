@@ -11,7 +11,7 @@ from methods import ModuleInfo, parse_method, rank_for
 from methods._linalg import output_error, whitened_truncate
 from methods.components import AllocationContext, LinearStats
 from methods.eigen_whitening import EigenWhitenedFactorizer, eigen_whitening
-from methods.heterogeneous import HeterogeneousAllocator, group_ratios
+from methods.heterogeneous import HeterogeneousAllocator, group_ratios, loss_scale
 from methods.svd_llm import WhitenedFactorizer
 
 
@@ -106,3 +106,60 @@ def test_registry_composition():
     assert not m.causal_lm_reasons()
     with pytest.raises(ValueError):
         parse_method("svd-llm-v2[heterogeneous.offset=1.0]")
+
+
+# -- loss scale: absolute (the paper as written) vs per-token (calibration-size invariant) -----------
+
+def _repeated_calibration(copies: int):
+    """Modules of three types over four blocks, each with inputs ``X`` of 120 tokens repeated ``copies``
+    times (the Gram and the token count both multiply by ``copies``; nothing else changes)."""
+    shapes = {"q": (32, 32), "up": (64, 32), "down": (32, 64)}
+    modules = [ModuleInfo(f"b{b}.{k}", b, k, *s) for b in range(4) for k, s in shapes.items()]
+    weights, stats = {}, {}
+    for i, m in enumerate(modules):
+        g = torch.Generator().manual_seed(i)
+        weights[m.name] = torch.randn(m.out_features, m.in_features, generator=g, dtype=torch.float64) * (0.05 + 0.1 * i)
+        x = torch.randn(120, m.in_features, generator=g, dtype=torch.float64) * torch.linspace(0.05, 1, m.in_features,
+                                                                                             dtype=torch.float64)
+        xs = torch.cat([x] * copies)
+        stats[m.name] = LinearStats(xs.T @ xs, xs.shape[0])
+    ctx = AllocationContext(modules, 4, load_block=lambda b: {m.name: stats[m.name] for m in modules if m.block == b},
+                            load_weight=weights.__getitem__)
+    return ctx
+
+
+def test_per_token_allocation_is_unchanged_when_the_calibration_is_repeated():
+    once, twice = _repeated_calibration(1), _repeated_calibration(2)
+    per_token = HeterogeneousAllocator(loss="per-token")
+    for ratio in (0.2, 0.4):
+        a, b = per_token.allocate(once, ratio), per_token.allocate(twice, ratio)
+        assert max(abs(a[k] - b[k]) for k in a) < 1e-9
+        # The per-token loss is the absolute one over sqrt(T): the RMS output error per token.
+        absolute, scaled = HeterogeneousAllocator().losses(once, ratio), per_token.losses(once, ratio)
+        assert all(scaled[k] == pytest.approx(absolute[k] / math.sqrt(120), rel=1e-12) for k in absolute)
+
+
+def test_absolute_allocation_depends_on_the_calibration_size():
+    """The paper's absolute loss grows like sqrt(T); 1 / log(L + offset) is not scale-free."""
+    once, twice = _repeated_calibration(1), _repeated_calibration(2)
+    absolute = HeterogeneousAllocator()
+    assert absolute.loss == "absolute"  # the default is unchanged until it is measured
+    la, lb = absolute.losses(once, 0.4), absolute.losses(twice, 0.4)
+    assert all(lb[k] == pytest.approx(math.sqrt(2) * la[k], rel=1e-9) for k in la)
+    a, b = absolute.allocate(once, 0.4), absolute.allocate(twice, 0.4)
+    assert max(abs(a[k] - b[k]) for k in a) > 1e-3
+
+
+def test_loss_option_is_documented_checked_and_keeps_old_run_keys():
+    # Records written before the option existed ran the absolute loss: their config (run key) is unchanged,
+    # and naming the old reading explicitly resolves to the same config; another value enters the config.
+    default = parse_method("svd-llm-v2").config()
+    assert default["allocator"] == {"name": "heterogeneous", "offset": 1.5, "cap": 0.9}
+    assert parse_method("svd-llm-v2[heterogeneous.loss=absolute]").config() == default
+    per_token = parse_method("svd-llm-v2[heterogeneous.loss=per-token]").config()["allocator"]
+    assert per_token == {"name": "heterogeneous", "offset": 1.5, "cap": 0.9, "loss": "per-token"}
+    with pytest.raises(ValueError, match="heterogeneous.loss must be one of"):
+        parse_method("svd-llm-v2[heterogeneous.loss=relative]")
+    with pytest.raises(ValueError, match="token"):
+        loss_scale(LinearStats(torch.eye(3, dtype=torch.float64), 0), "per-token")
+    assert loss_scale(LinearStats(torch.eye(3, dtype=torch.float64), 0), "absolute") == 1.0
