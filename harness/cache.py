@@ -2,8 +2,8 @@
 
 Root: ``$SVDBENCH_CACHE`` if set, else ``~/.cache/svdbench``. Entries are written to a temporary
 file and renamed, so a killed process never leaves a truncated entry that later looks valid. What
-fails verification on read is moved aside (renamed with a ``.corrupt-<time>`` suffix, never
-deleted, so it can be inspected), logged, and recomputed. Nothing is read with pickle: tensors are
+fails verification on read is moved aside (renamed with a ``.corrupt-<time>`` suffix; the newest
+few per folder are kept for inspection, :func:`harness.files.quarantine`), logged, and recomputed. Nothing is read with pickle: tensors are
 stored as safetensors, everything else as JSON.
 """
 
@@ -13,11 +13,10 @@ import hashlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-from harness.files import write_text_atomic
+from harness.files import quarantine, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +28,6 @@ def cache_root() -> Path:
 
 def cache_path(kind: str, key: str, suffix: str = "") -> Path:
     return cache_root() / kind / f"{key}{suffix}"
-
-
-def move_aside(path: Path, reason: str) -> Path:
-    """Rename a bad cache entry or record to ``<name>.corrupt-<time>`` and log why; returns the new path."""
-    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
-    path.rename(target)
-    log.warning("%s: %s; moved aside to %s and recomputing", path, reason, target)
-    return target
 
 
 def file_sha256(path: Path) -> str:
@@ -81,6 +72,6 @@ def read_checked_json(path: Path) -> Any | None:
     except (OSError, ValueError, KeyError, TypeError):
         ok = False
     if not ok:
-        move_aside(path, "unreadable or failed its checksum")
+        quarantine(path, "unreadable or failed its checksum")
         return None
     return blob["payload"]

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from harness.files import follow_umask
 from harness.remote_code import RemoteCodeError, base_config, remote_config, write_remote_code
 from methods.column_preserving import ColumnPreservingLowRank
 from methods.lowrank import LowRankLinear
@@ -166,15 +167,6 @@ def _shards(tensors: Mapping[str, Tensor], max_bytes: int) -> list[dict[str, Ten
     return groups
 
 
-def follow_umask(root: Path) -> None:
-    """Give the files directly in ``root`` the mode the umask allows (safetensors and atomic writers
-    create theirs 0600, which a group-shared cache or export could not be read from)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for p in root.iterdir():
-        p.chmod(0o666 & ~umask)
-
-
 def export_model(
     model: nn.Module,
     tokenizer: Any,
@@ -238,7 +230,8 @@ def export_model(
             write_remote_code(tmp, remote_config(model.config, type(model), auto_class, specs, aliases, FORMAT_VERSION))
         except RemoteCodeError as exc:
             raise ExportError(str(exc)) from exc
-        follow_umask(tmp)  # safetensors creates its files 0600; a shared export follows the umask
+        # safetensors creates its files 0600 and mkdtemp its folder 0700; a shared export follows the umask
+        follow_umask(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

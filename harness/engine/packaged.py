@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from harness.cache import cache_root, directory_manifest, file_sha256, manifest_mismatches, move_aside
+from harness.cache import cache_root, directory_manifest, file_sha256, manifest_mismatches
+from harness.files import quarantine
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _assembled_gguf(model: PackagedModel) -> tuple[Path, str]:
     if target.is_file():
         if file_sha256(target) == expected:
             return target, expected
-        move_aside(target, "assembled GGUF file does not match its SHA-256")
+        quarantine(target, "assembled GGUF file does not match its SHA-256")
     try:
         package.verify_chunks()  # before writing anything: every chunk package is installed
     except (ImportError, FileNotFoundError) as exc:
@@ -243,7 +244,7 @@ def _converted_dir(model: PackagedModel, gguf: Path, sha: str) -> Path:
     if target.is_dir():
         if _manifest_ok(target):
             return target
-        move_aside(target, "cached conversion fails its checksums")
+        quarantine(target, "cached conversion fails its checksums")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
