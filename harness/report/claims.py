@@ -36,7 +36,7 @@ import pandas as pd
 import yaml
 from tabulate import tabulate
 
-from harness.report.leaderboard import LeaderboardTable, build_leaderboard
+from harness.report.leaderboard import SINGLE_SEED_MARK, LeaderboardTable, build_leaderboard
 from harness.report.metrics import UnknownMetricError, resolve_metric
 
 HOLDS, TIE, REVERSED, MISSING = "holds", "tie", "reversed", "–"
@@ -147,7 +147,16 @@ def _pair_verdict(table: LeaderboardTable, key: str, ratio: float, better: str, 
         verdict = REVERSED
     else:
         verdict = TIE  # "best tie" / "tie": the rule does not separate them
-    return Verdict(verdict, table.cell_text(ib, key), table.cell_text(it, key), better, than)
+    return Verdict(verdict, _value_text(table, ib, key), _value_text(table, it, key), better, than)
+
+
+def _value_text(table: LeaderboardTable, i: int, key: str) -> str:
+    """The leaderboard's text of a value, with ``°`` on every single-seed value: a claim cell stands
+    alone, so the table's header mark for an all-single-seed column does not reach it."""
+    text = table.cell_text(i, key)
+    if table.counts.at[i, key] == 1 and not text.endswith(SINGLE_SEED_MARK):
+        text += SINGLE_SEED_MARK
+    return text
 
 
 def _model_metrics(sub: pd.DataFrame, model: str, wanted: Sequence[str]) -> dict[str, str]:

@@ -67,6 +67,8 @@ def test_zero_shot_claims_use_the_paired_test_over_documents():
     rows = check_claims(records_to_frame(records), _spec(("svd-llm", "svd"), ("adasvd", "svd"), models=("toy-llama",)))
     assert [(r.claim.better, r.metric, r.verdicts["toy-llama"].verdict) for r in rows] == [
         ("svd-llm", "average", TIE), ("adasvd", "average", HOLDS)]
+    # Both sides single-seed: each value carries the mark, although the table marks the column header.
+    assert rows[1].verdicts["toy-llama"].text() == "holds: 80.00° vs 40.00°"
 
 
 def test_sides_match_option_variants_and_refuse_ambiguity():
