@@ -44,9 +44,7 @@ from torch import Tensor, nn
 
 from harness.files import follow_umask
 from harness.remote_code import RemoteCodeError, base_config, remote_config, write_remote_code
-from methods.column_preserving import ColumnPreservingLowRank
-from methods.lowrank import LowRankLinear
-from methods.shared_basis import SharedBasisLinear
+from methods.module_types import MODULE_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -68,42 +66,31 @@ class ExportError(ValueError):
 def module_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     """The replacement modules of ``model``: ``{dotted name: spec}`` in model order.
 
-    A spec holds ``class``, ``in_features``, ``out_features``, ``rank``, ``bias`` and, for a
-    column-preserving layer, ``n_columns``: everything :func:`build_module` needs. The low-rank
-    part inside a column-preserving layer is part of its spec, not an entry of its own.
+    A spec is ``{"class": export name, **module.export_spec()}`` (``in_features``, ``out_features``,
+    ``rank``, ``bias`` and what else the type needs, e.g. a column-preserving layer's ``n_columns``):
+    everything :func:`build_module` needs. Every type registered in
+    :data:`methods.module_types.MODULE_TYPES` is found; a registered module inside another (the
+    low-rank part of a column-preserving layer) is part of the outer one's spec, not an entry of its own.
+    A shared tensor (one basis under every member of its group) is stored once by the writer
+    (:func:`unique_tensors`), so the specs need not name groups.
     """
-    specs: dict[str, dict[str, Any]] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, ColumnPreservingLowRank):
-            specs[name] = {"class": "ColumnPreservingLowRank", "in_features": mod.in_features,
-                           "out_features": mod.out_features, "rank": int(mod.rank), "n_columns": int(mod.n_columns),
-                           "bias": mod.lowrank.second.bias is not None}
-        elif isinstance(mod, LowRankLinear) and not any(name.startswith(f"{p}.") for p in specs):
-            specs[name] = {"class": "LowRankLinear", "in_features": mod.in_features, "out_features": mod.out_features,
-                           "rank": int(mod.rank), "bias": mod.second.bias is not None}
-        elif isinstance(mod, SharedBasisLinear):
-            # The basis is one tensor for the whole group: stored once, the other members are "tied" aliases.
-            specs[name] = {"class": "SharedBasisLinear", "in_features": mod.in_features, "out_features": mod.out_features,
-                           "rank": int(mod.rank), "bias": mod.second.bias is not None}
-    return specs
+    return {name: MODULE_TYPES.spec(mod) for name, mod in MODULE_TYPES.replacements(model).items()}
 
 
 def build_module(spec: Mapping[str, Any], device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> nn.Module:
-    """An uninitialised replacement module of the shape ``spec`` describes (see :func:`module_specs`)."""
+    """An uninitialised replacement module of the shape ``spec`` describes (see :func:`module_specs`).
+
+    Raises:
+        ExportError: for a class no registered module type exports, or a malformed spec.
+    """
     cls = spec.get("class")
+    if cls not in MODULE_TYPES.names():
+        raise ExportError(f"unknown module class {cls!r} (this svdbench knows {', '.join(MODULE_TYPES.names())})")
     try:
-        shape = (int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]))
-        if cls == "LowRankLinear":
-            return LowRankLinear.from_shape(*shape, bool(spec["bias"]), device, dtype)
-        if cls == "ColumnPreservingLowRank":
-            return ColumnPreservingLowRank.from_shape(*shape, int(spec["n_columns"]), bool(spec["bias"]), device, dtype)
-        if cls == "SharedBasisLinear":
-            return SharedBasisLinear.from_shape(*shape, bool(spec["bias"]), device, dtype)
+        return MODULE_TYPES.build(spec, device, dtype)
     except (KeyError, TypeError, ValueError) as exc:
         raise ExportError(f"malformed module spec {dict(spec)}: {exc}") from exc
-    raise ExportError(f"unknown module class {cls!r} (this svdbench knows LowRankLinear, ColumnPreservingLowRank, "
-                      "SharedBasisLinear)")
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -185,8 +172,8 @@ def export_model(
     ``out`` is either absent or complete.
 
     Args:
-        model: The compressed model (modules replaced by :class:`LowRankLinear` /
-            :class:`ColumnPreservingLowRank`); any device and dtype.
+        model: The compressed model (linears replaced by modules of registered types,
+            :mod:`methods.module_types`); any device and dtype.
         tokenizer: Its tokenizer (``save_pretrained``).
         out: Target directory; must not exist or be empty.
         method: ``{"name": ..., "config": ...}`` as in the record.

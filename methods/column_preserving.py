@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from methods._linalg import EIG_FLOOR, Whitening, whitened_truncate, whitening
 from methods.components import LinearStats, check_choices, register
 from methods.lowrank import Factorization, LowRankLinear
+from methods.module_types import register_module_type
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +123,17 @@ class ColumnPreservingFactorization:
         )
 
 
+@register_module_type
 class ColumnPreservingLowRank(nn.Module):
     """``y = D x[kept] + A (B x[rest]) + b``; ``D: (out, c)``, ``A: (out, r')``, ``B: (r', in - c)``.
 
     The dense columns are an ``nn.Linear`` child (``columns``), the low-rank part a
     :class:`LowRankLinear` (``lowrank``, which holds the bias), the index sets are buffers so they
-    move with ``.to()`` and are saved in the ``state_dict``.
+    move with ``.to()`` and are saved in the ``state_dict`` (and counted in stored bytes).
     """
+
+    export_name: ClassVar[str] = "ColumnPreservingLowRank"
+    forward_path: ClassVar[str] = "column-preserving"  # index gathers plus three matmuls
 
     def __init__(
         self, columns: Tensor, a: Tensor, b: Tensor, kept_idx: Tensor, rest_idx: Tensor, bias: Tensor | None = None
@@ -173,6 +178,20 @@ class ColumnPreservingLowRank(nn.Module):
         mod.columns = nn.Linear(n_columns, out_features, bias=False, device=device, dtype=dtype)
         mod.lowrank = LowRankLinear.from_shape(in_features - n_columns, out_features, rank, bias, device, dtype)
         return mod
+
+    def export_spec(self) -> dict[str, Any]:
+        """``in_features``, ``out_features``, ``rank`` (``r'``), ``n_columns`` (``c``), ``bias``; the inner
+        :class:`LowRankLinear` is part of this spec, not a module of its own."""
+        # Key order is the export's (manifest bytes, hence checksums, follow it).
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": int(self.rank),
+                "n_columns": int(self.n_columns), "bias": self.lowrank.second.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> ColumnPreservingLowRank:
+        """:meth:`from_shape` at the shape an :meth:`export_spec` records."""
+        return cls.from_shape(int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]),
+                              int(spec["n_columns"]), bool(spec["bias"]), device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.columns(x.index_select(-1, self.kept_idx)) + self.lowrank(x.index_select(-1, self.rest_idx))

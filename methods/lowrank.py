@@ -2,23 +2,32 @@
 
 One ``LowRankLinear`` serves every method (evaluation, parameter counting and serialisation stay
 method-agnostic). It replaces an ``nn.Linear`` only, never an attention or MLP class, so it works
-for every model family without per-family copies of HF modules.
+for every model family without per-family copies of HF modules. It is a registered replacement
+module type (:mod:`methods.module_types`): export, load and efficiency find it through the registry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from methods.module_types import register_module_type
 
+
+@register_module_type
 class LowRankLinear(nn.Module):
     """``y = A (B x) + b`` with ``A: (out, rank)``, ``B: (rank, in)``; the bias stays dense.
 
     Stored as two ``nn.Linear`` children (``first`` = B, ``second`` = A) so that the usual
     dtype/device moves, ``state_dict`` and lm-eval's ``model.eval()`` handle it unchanged.
     """
+
+    export_name: ClassVar[str] = "LowRankLinear"
+    forward_path: ClassVar[str] = "two-matmul"
 
     def __init__(self, a: Tensor, b: Tensor, bias: Tensor | None = None) -> None:
         """Build from factors.
@@ -78,6 +87,19 @@ class LowRankLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_f, out_f, rank
         self.first = nn.Linear(in_f, rank, bias=False, device=device, dtype=dtype)
         self.second = nn.Linear(rank, out_f, bias=bias, device=device, dtype=dtype)
+
+    def export_spec(self) -> dict[str, Any]:
+        """``in_features``, ``out_features``, ``rank``, ``bias``: what :meth:`from_spec` rebuilds it from."""
+        # Key order is the export's (manifest bytes, hence checksums, follow it).
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": int(self.rank),
+                "bias": self.second.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> LowRankLinear:
+        """:meth:`from_shape` at the shape an :meth:`export_spec` records."""
+        return cls.from_shape(int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]),
+                              bool(spec["bias"]), device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.first(x))

@@ -9,13 +9,16 @@ and the bias are the member's own. :class:`SharedBasisFactorization` has the int
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from methods.lowrank import Factorization
+from methods.module_types import register_module_type
 
 
 class SharedBasis:
@@ -33,8 +36,17 @@ class SharedBasis:
         return self._param
 
 
+@register_module_type
 class SharedBasisLinear(nn.Module):
-    """``y = C (B x) + b`` with ``B`` shared by the group (module docstring)."""
+    """``y = C (B x) + b`` with ``B`` shared by the group (module docstring).
+
+    The basis is one ``nn.Parameter`` object in every member, so parameter counts and stored bytes
+    (which keep each tensor once) count it once per group.
+    """
+
+    export_name: ClassVar[str] = "SharedBasisLinear"
+    # Two matmuls like LowRankLinear, labelled apart so efficiency records tell shared-basis cells apart.
+    forward_path: ClassVar[str] = "shared-basis"
 
     def __init__(self, basis: nn.Parameter, coeff: Tensor, bias: Tensor | None = None) -> None:
         """Build from the shared basis parameter ``B: (k, n)``, coefficients ``C: (m, k)`` and a bias ``(m,)``."""
@@ -59,6 +71,20 @@ class SharedBasisLinear(nn.Module):
         basis = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype), requires_grad=False)
         return cls(basis, torch.empty(out_features, rank, device=device, dtype=dtype),
                    torch.empty(out_features, device=device, dtype=dtype) if bias else None)
+
+    def export_spec(self) -> dict[str, Any]:
+        """``in_features``, ``out_features``, ``rank``, ``bias``. The export stores the shared basis once
+        (the other members are tied aliases), so the spec does not name the group."""
+        # Key order is the export's (manifest bytes, hence checksums, follow it).
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": int(self.rank),
+                "bias": self.second.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> SharedBasisLinear:
+        """:meth:`from_shape` at the shape an :meth:`export_spec` records."""
+        return cls.from_shape(int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"]),
+                              bool(spec["bias"]), device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.second(F.linear(x, self.basis))

@@ -20,6 +20,7 @@ from torch import nn
 
 from harness.engine.packaged import PACKAGED, packaged_identity, packaged_tensor_types, resolve_packaged
 from methods import ModuleInfo
+from methods.module_types import MODULE_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,11 @@ def _get_path(root: nn.Module, path: str) -> nn.Module:
     return mod
 
 
+def _linear_like(module: nn.Module) -> bool:
+    """An ``nn.Linear`` or a replacement module of a registered type (:mod:`methods.module_types`)."""
+    return isinstance(module, nn.Linear) or MODULE_TYPES.of(module) is not None
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Find the decoder (or encoder) block list (module docstring).
 
@@ -77,7 +83,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
-        if len({type(c) for c in mod}) != 1 or not any(isinstance(x, nn.Linear) for x in mod[0].modules()):
+        # A compressed model's blocks may hold no nn.Linear at all (every linear replaced by a registered
+        # module type with bare parameters), and must still be found: efficiency and export look them up.
+        if len({type(c) for c in mod}) != 1 or not any(_linear_like(x) for x in mod[0].modules()):
             continue
         if n_layers is not None and len(mod) != n_layers:
             continue

@@ -18,9 +18,11 @@ system load averages before and after are recorded instead).
 Also reported: the stored bytes of the model (its state dict, tied tensors once) and of the target
 linears, and the peak memory of one extra prefill: the CUDA allocator's peak, or on a CPU the peak
 of live tensor bytes seen by the torch profiler (weights plus that peak). ``paths`` counts which
-forward each target linear ran (``dense``: left ``nn.Linear`` because its rank would not save
-storage; ``two-matmul``: :class:`LowRankLinear`; ``column-preserving``: index gathers plus three
-matmuls).
+forward each target linear ran: ``dense`` (left ``nn.Linear`` because its rank would not save
+storage) or the ``forward_path`` its replacement module type declares
+(:mod:`methods.module_types`: ``two-matmul`` for ``LowRankLinear``, ``column-preserving`` for index
+gathers plus three matmuls, ``shared-basis`` for a member of a basis-sharing group). A model whose
+target linears are all ``dense`` is the dense model and gets the dense reference measurement.
 """
 
 from __future__ import annotations
@@ -41,8 +43,7 @@ from torch import Tensor, nn
 
 from harness.engine.models import find_blocks, max_positions
 from harness.evaluations.registry import Evaluation, MetricSpec, register_evaluation
-from methods.column_preserving import ColumnPreservingLowRank
-from methods.lowrank import LowRankLinear
+from methods.module_types import MODULE_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,8 @@ def generation_trial(model: nn.Module, ids: Tensor, decode: int, clock: Clock) -
 
 
 def target_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The target linears of a dense or compressed model: every top-level linear-like module in its blocks.
+    """The target linears of a dense or compressed model: every top-level linear-like module in its blocks
+    (``nn.Linear`` or a registered replacement module type, :data:`methods.module_types.MODULE_TYPES`).
 
     A replacement module counts once (its inner ``nn.Linear`` children are part of it).
     """
@@ -215,18 +217,14 @@ def target_modules(model: nn.Module) -> dict[str, nn.Module]:
             full = f"{path}.{i}.{name}"
             if any(full.startswith(f"{p}.") for p in found):
                 continue
-            if isinstance(mod, (LowRankLinear, ColumnPreservingLowRank, nn.Linear)):
+            if isinstance(mod, nn.Linear) or MODULE_TYPES.of(mod) is not None:
                 found[full] = mod
     return found
 
 
 def forward_path(module: nn.Module) -> str:
-    """Which forward a target linear runs (see the module docstring)."""
-    if isinstance(module, ColumnPreservingLowRank):
-        return "column-preserving"
-    if isinstance(module, LowRankLinear):
-        return "two-matmul"
-    return "dense"
+    """Which forward a target linear runs: its module type's ``forward_path``, ``dense`` for ``nn.Linear``."""
+    return MODULE_TYPES.forward_path(module)
 
 
 def _tensor_bytes(tensors: Sequence[Tensor]) -> int:

@@ -36,6 +36,7 @@ from harness.export import (
     MANIFEST,
     READABLE_VERSIONS,
     ExportError,
+    build_module,
     load_from_manifest,
     manifest_digest,
     sha256_file,
@@ -216,21 +217,14 @@ def _stored_tensors(root: Path, manifest: Mapping[str, Any], v: Validation) -> d
 
 
 def _expected_shapes(name: str, spec: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The tensors a replaced module stores, with the shapes its spec implies."""
-    n, m, r = int(spec["in_features"]), int(spec["out_features"]), int(spec["rank"])
-    bias = {f"{name}.second.bias": (m,)} if spec.get("bias") else {}
-    cls = spec.get("class")
-    if cls == "LowRankLinear":
-        return {f"{name}.first.weight": (r, n), f"{name}.second.weight": (m, r), **bias}
-    if cls == "SharedBasisLinear":
-        return {f"{name}.basis": (r, n), f"{name}.second.weight": (m, r), **bias}
-    if cls == "ColumnPreservingLowRank":
-        c = int(spec["n_columns"])
-        low = f"{name}.lowrank"
-        return {f"{name}.kept_idx": (c,), f"{name}.rest_idx": (n - c,), f"{name}.columns.weight": (m, c),
-                f"{low}.first.weight": (r, n - c), f"{low}.second.weight": (m, r),
-                **({f"{low}.second.bias": (m,)} if spec.get("bias") else {})}
-    raise ExportError(f"unknown module class {cls!r}")
+    """The tensors a replaced module stores, with the shapes its spec implies: the state of its module
+    type built at that shape on the meta device (nothing allocated), so every registered type is checked.
+
+    Raises:
+        ExportError: for an unknown class or a malformed spec.
+    """
+    module = build_module(spec, device="meta")
+    return {f"{name}.{key}": tuple(t.shape) for key, t in module.state_dict().items()}
 
 
 def _check_modules(manifest: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Any]], v: Validation) -> None:

@@ -228,3 +228,57 @@ def test_efficiency_is_refused_for_encoders():
 
     with pytest.raises(ValueError, match="causal LM"):
         preflight(["efficiency"], encoder=True)
+
+
+def test_a_basis_sharing_model_is_classified_compressed(tiny_llama: Path):
+    """Every registered module type counts as compressed; a shared-basis member once was taken for dense."""
+    from harness.engine.models import discover, get_module, load_model, set_module
+    from methods.shared_basis import SharedBasis, SharedBasisLinear
+
+    model, _ = load_model(str(tiny_llama), "float32")
+    name = discover(model).modules[0].name
+    lin = get_module(model, name)
+    basis = SharedBasis(torch.randn(4, lin.in_features)).parameter(torch.float32, "cpu")
+    set_module(model, name, SharedBasisLinear(basis, torch.randn(lin.out_features, 4)))
+    assert eff.forward_path(get_module(model, name)) == "shared-basis"
+    assert name in eff.target_modules(model) and f"{name}.second" not in eff.target_modules(model)
+    with pytest.raises(RuntimeError, match="dense reference"):
+        eff.efficiency(model, {}, torch.device("cpu"), EfficiencyProtocol(prefill=8, decode=2, warmup=0, repeats=1))
+
+
+ALL_SHARED = "basis-sharing[basis-sharing.shared=q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj]"
+
+
+@pytest.mark.integration
+def test_basis_sharing_cells_are_measured_as_compressed(tiny_llama: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """Basis-sharing cells run their own measurement: their paths name the shared-basis members and their
+    target bytes include each shared basis (once). With every projection shared, no module was of a type
+    the efficiency evaluation knew, and the cell was given the dense model's measurement."""
+    from harness.runs import RunConfig, run
+    from tests.utils import CALIB
+
+    monkeypatch.setenv("SVDBENCH_CACHE", str(tmp_path / "cache"))
+    measured = []
+    real_measure = eff.measure
+
+    def counting(model, device, proto, clock=None):
+        measured.append(proto.protocol_id)
+        return real_measure(model, device, proto, clock)
+
+    monkeypatch.setattr(eff, "measure", counting)
+    cfg = RunConfig(model=str(tiny_llama), methods=("basis-sharing", ALL_SHARED), ratios=(0.4,),
+                    evals=("efficiency",), calib=CALIB, calib_samples=4, calib_seqlen=32, device="cpu",
+                    results=str(tmp_path / "res"))
+    records = {r["method"]["name"]: r for r in (json.loads(p.read_text()) for p in run(cfg))}
+    dense = records["dense"]["metrics"]["efficiency"]
+    assert len(measured) == 3, "a basis-sharing cell was given the dense reference instead of being measured"
+    for name in ("basis-sharing", ALL_SHARED):
+        cell = records[name]
+        m = cell["metrics"]["efficiency"]
+        assert m["paths"].get("shared-basis", 0) > 0, (name, m["paths"])
+        assert m["paths"].get("dense", 0) == sum(layer["rank"] is None for layer in cell["layers"]), (name, m["paths"])
+        assert sum(m["paths"].values()) == 14  # 2 blocks x 7 target linears, each counted once
+        assert m["weight_bytes"]["targets"] == 4 * cell["params_compressed"] < dense["weight_bytes"]["targets"]
+        assert m["weight_bytes"]["model"] == 4 * cell["params_model_compressed"]
+    assert set(records[ALL_SHARED]["metrics"]["efficiency"]["paths"]) <= {"shared-basis", "dense"}
