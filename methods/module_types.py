@@ -149,6 +149,10 @@ class ModuleTypeRegistry:
                 found[name] = mod
         return found
 
+    def linear_like(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a target linear: an ``nn.Linear`` or a registered replacement for one."""
+        return isinstance(module, nn.Linear) or self.of(module) is not None
+
     def forward_path(self, module: nn.Module) -> str:
         """Efficiency's label of the forward ``module`` runs: its type's ``forward_path``, else ``dense``."""
         cls = self.of(module)

@@ -62,11 +62,6 @@ def _get_path(root: nn.Module, path: str) -> nn.Module:
     return mod
 
 
-def _linear_like(module: nn.Module) -> bool:
-    """An ``nn.Linear`` or a replacement module of a registered type (:mod:`methods.module_types`)."""
-    return isinstance(module, nn.Linear) or MODULE_TYPES.of(module) is not None
-
-
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Find the decoder (or encoder) block list (module docstring).
 
@@ -85,7 +80,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         # A compressed model's blocks may hold no nn.Linear at all (every linear replaced by a registered
         # module type with bare parameters), and must still be found: efficiency and export look them up.
-        if len({type(c) for c in mod}) != 1 or not any(_linear_like(x) for x in mod[0].modules()):
+        if len({type(c) for c in mod}) != 1 or not any(MODULE_TYPES.linear_like(x) for x in mod[0].modules()):
             continue
         if n_layers is not None and len(mod) != n_layers:
             continue

@@ -217,7 +217,7 @@ def target_modules(model: nn.Module) -> dict[str, nn.Module]:
             full = f"{path}.{i}.{name}"
             if any(full.startswith(f"{p}.") for p in found):
                 continue
-            if isinstance(mod, nn.Linear) or MODULE_TYPES.of(mod) is not None:
+            if MODULE_TYPES.linear_like(mod):
                 found[full] = mod
     return found
 
