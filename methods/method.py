@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -64,10 +65,24 @@ class NoRefiner:
 METHODS: Registry[dict[str, tuple[str, dict[str, Any]]]] = Registry("method")
 
 
-def register_method(name: str, allocator: str, factorizer: str, refiner: str = "none", **options: Any) -> None:
-    """Register a named composition; ``options`` are ``{"stage": {...}}`` dicts."""
+def register_method(name: str, allocator: str, factorizer: str, refiner: str = "none", *,
+                    options: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Register a named composition of three registered components.
+
+    Args:
+        name: The method's name in method strings (``svd-llm``).
+        allocator, factorizer, refiner: Component names.
+        options: Per-stage option defaults of this composition, ``{"factorizer": {"axis": "inputs"}}``;
+            a method string's own ``stage.option=value`` still overrides them.
+
+    Raises:
+        ValueError: an options key that is not a stage, or a name already registered.
+    """
+    unknown = sorted(set(options or {}) - set(STAGES))
+    if unknown:
+        raise ValueError(f"method {name!r}: options for unknown stage(s) {unknown}; stages: {', '.join(STAGES)}")
     parts = {"allocator": allocator, "factorizer": factorizer, "refiner": refiner}
-    METHODS.register(name, {st: (comp, dict(options.get(st, {}))) for st, comp in parts.items()})
+    METHODS.register(name, {st: (comp, dict((options or {}).get(st, {}))) for st, comp in parts.items()})
 
 
 register_method("svd", "uniform", "plain")

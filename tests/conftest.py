@@ -34,10 +34,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs() -> dict[str, Path]:
-    """Directories of the tiny reference models, keyed by family (``"llama"``, ``"opt"``).
+    """Directories of the tiny testbed models, keyed by family (``"llama"``, ``"opt"``).
 
     Trained from the data pack on first use (a few minutes each on two CPU cores) and cached under
-    ``$SVDBENCH_CACHE/reference_models``.
+    ``$SVDBENCH_CACHE/testbeds``.
     """
     from harness.testbeds.trained import ensure_testbed_models
 

@@ -3,8 +3,8 @@
 Discovery rule: the decoder blocks are the ``nn.ModuleList`` whose children all share one class,
 contain ``nn.Linear`` layers and number ``config.num_hidden_layers`` (the largest such list wins).
 That finds ``model.layers`` (Llama, Mistral, Qwen2), ``model.decoder.layers`` (OPT),
-``gpt_neox.layers`` (GPT-NeoX) and ``encoder.layer`` (BERT). :data:`BLOCK_ADAPTERS` names the path
-for a family where the rule fails. Targets are every ``nn.Linear`` inside the blocks.
+``gpt_neox.layers`` (GPT-NeoX), ``encoder.layer`` (BERT) and Gemma 3's ``model.layers`` with no
+per-family table. Targets are every ``nn.Linear`` inside the blocks.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ from methods import ModuleInfo
 from methods.module_types import MODULE_TYPES
 
 log = logging.getLogger(__name__)
-
-# model_type -> dotted path of the block list, for families where the generic rule fails.
-BLOCK_ADAPTERS: dict[str, str] = {}
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -66,13 +63,10 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """Find the decoder (or encoder) block list (module docstring).
 
     Raises:
-        ValueError: when no candidate list is found; add the family to ``BLOCK_ADAPTERS``.
+        ValueError: when no module list fits the rule.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type in BLOCK_ADAPTERS:
-        path = BLOCK_ADAPTERS[model_type]
-        return path, _get_path(model, path)  # type: ignore[return-value]
     n_layers = getattr(config, "num_hidden_layers", None)
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, mod in model.named_modules():
@@ -89,8 +83,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             best = (size, name, mod)
     if best is None:
         raise ValueError(
-            f"could not find the decoder blocks of {type(model).__name__} (model_type={model_type!r}); "
-            "add its block path to harness.engine.models.BLOCK_ADAPTERS"
+            f"could not find the decoder blocks of {type(model).__name__} (model_type={model_type!r}): no "
+            f"nn.ModuleList of {n_layers} blocks of one class holding linear layers"
         )
     return best[1], best[2]
 

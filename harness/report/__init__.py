@@ -7,7 +7,8 @@ Modules:
     paired: the paired tie rule of zero-shot columns (per-document differences against the best).
     staleness: which records no longer describe what their label says (config drift, other weights).
     leaderboard: paper-style tables (:func:`render_leaderboard`; md, LaTeX, CSV).
-    html (+ html_*): the static HTML site (:func:`write_site`): table, filters, figures, record pages.
+    site/: the static HTML site (:func:`write_site`; writer, sections, record_page, markup, assets):
+        table, filters, figures, record pages.
     plots / style: paper figures (:func:`plot`) with one fixed style per method, error bars from the spread.
     compare: regression verdicts (:func:`compare`) and scenario checks (:func:`check_scenario`).
     agreement: rank agreement of two metrics or two models (:func:`agreement`; Spearman, Kendall).
@@ -24,6 +25,7 @@ from typing import Any
 
 _LAZY = {
     "load_store": "store",
+    "load_stores": "store",
     "records_to_frame": "store",
     "resolve_metric": "metrics",
     "render_leaderboard": "leaderboard",
@@ -33,7 +35,7 @@ _LAZY = {
     "check_scenario": "compare",
     "CompareResult": "compare",
     "add_report_subcommands": "cli",
-    "write_site": "html",
+    "write_site": "site.writer",
     "stale_reasons": "staleness",
     "agreement": "agreement",
     "rank_agreement": "agreement",

@@ -1,6 +1,6 @@
 """Report subcommands (``leaderboard``, ``plot``, ``compare``, ``claims``) for the engine's argparse CLI.
 
-``leaderboard --format html --out DIR`` writes the static site (:mod:`harness.report.html`);
+``leaderboard --format html --out DIR`` writes the static site (:mod:`harness.report.site.writer`);
 ``leaderboard --agreement METRIC_A,METRIC_B`` prints how two metrics (or, with
 ``--agreement-models A,B``, two models) rank the methods alike (:mod:`harness.report.agreement`).
 
@@ -42,16 +42,19 @@ def _emit(text: str, output: str | None) -> None:
 
 def _html_site(args: argparse.Namespace) -> int:
     """``leaderboard RESULTS --format html --out DIR``: write the static site, print its index path."""
-    from harness.report.html import write_site
+    from harness.report.site.writer import write_site
     from harness.report.store import StoreError
 
     if not args.out:
         logger.error("--format html writes a site (a directory): give it with --out DIR")
         return EXIT_USAGE
+    if len(args.results) != 1:
+        logger.error("--format html builds its site from one results directory, got %d", len(args.results))
+        return EXIT_USAGE
     _quiet_font_subsetting()
     try:
         index = write_site(
-            args.results,
+            args.results[0],
             args.out,
             metrics=args.metrics,
             model=args.model,
@@ -78,7 +81,7 @@ def _split_pair(text: str, what: str) -> list[str]:
 def _agreement(args: argparse.Namespace) -> int:
     """``leaderboard RESULTS --agreement A,B [--ratio R] [--agreement-models M1,M2]``: rank agreement."""
     from harness.report.agreement import agreement, render_agreement
-    from harness.report.store import load_store
+    from harness.report.store import load_stores
 
     if args.format not in ("md", "csv"):
         logger.error("--agreement prints md or csv, not %s", args.format)
@@ -89,7 +92,7 @@ def _agreement(args: argparse.Namespace) -> int:
         if models is None and args.model:
             models = [args.model]
         results = agreement(
-            load_store(args.results), metrics[0], metrics[-1], ratio=args.ratio, models=models,
+            load_stores(args.results), metrics[0], metrics[-1], ratio=args.ratio, models=models,
             allow_limited=args.allow_limited,
         )
         text = render_agreement(results, fmt=args.format)
@@ -104,7 +107,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     """``leaderboard RESULTS --format md|latex|csv|html``: render the paper-style table (html: a site);
     with ``--agreement``: the rank agreement of two metrics or models instead."""
     from harness.report.leaderboard import render_leaderboard
-    from harness.report.store import load_store
+    from harness.report.store import load_stores
 
     if args.agreement:
         return _agreement(args)
@@ -118,7 +121,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         text = render_leaderboard(
-            load_store(args.results),
+            load_stores(args.results),
             fmt=args.format,
             metrics=args.metrics,
             allow_limited=args.allow_limited,
@@ -133,14 +136,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def cmd_claims(args: argparse.Namespace) -> int:
     """``claims CLAIMS.yaml RESULTS``: per paper claim, metric, ratio and model, whether it holds."""
-    import pandas as pd
-
     from harness.report.claims import check_claims, load_claims, render_claims
-    from harness.report.store import load_store
+    from harness.report.store import load_stores
 
     try:
         spec = load_claims(args.claims)
-        frame = pd.concat([load_store(path) for path in args.results], ignore_index=True)
+        frame = load_stores(args.results)
         rows = check_claims(frame, spec)
         text = render_claims(rows, spec.models, fmt=args.format)
     except (ValueError, KeyError, FileNotFoundError) as exc:
@@ -221,7 +222,11 @@ def add_report_subcommands(subparsers: argparse._SubParsersAction) -> None:  # t
     from harness.report.plots import PLOT_KINDS
 
     p = subparsers.add_parser("leaderboard", help="paper-style table from a results directory")
-    p.add_argument("results", help="results directory (searched recursively) or one record file")
+    p.add_argument(
+        "results", nargs="+",
+        help="results directories (searched recursively) or record files; a record in several is counted once "
+        "(e.g. two models' folders for --agreement-models)",
+    )
     p.add_argument(
         "--format", choices=("md", "latex", "csv", "html"), default="md", help="html: a static site, see --out"
     )

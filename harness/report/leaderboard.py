@@ -18,7 +18,7 @@ tie rules, and every mark it uses (a single-seed column or value °, a subset pr
 string with options ¹ ², smoke runs † §, compact notation of collapsed perplexities).
 
 :func:`build_leaderboard` is the one table builder: the text formats here and the HTML site
-(:mod:`harness.report.html`) render the same :class:`LeaderboardTable`.
+(:mod:`harness.report.site.writer`) render the same :class:`LeaderboardTable`.
 """
 
 from __future__ import annotations
@@ -728,7 +728,7 @@ def render_leaderboard(
             (booktabs without vertical rules, multirow ratio groups, spanning perplexity / accuracy
             headers, ``\\textbf`` for best, the notes in a footnote-size block under the tabular) or
             ``"csv"`` (raw numbers, one header, a ``model`` column).
-            The HTML site is a directory, not text: :func:`harness.report.html.write_site`.
+            The HTML site is a directory, not text: :func:`harness.report.site.writer.write_site`.
         metrics: Metric names/aliases for the columns; default: every registered metric present.
         allow_limited: Accept records evaluated with ``--limit`` (marked †); refused by default.
         model: Only this model (name or id). With several models and no choice, md/latex render

@@ -378,6 +378,35 @@ def load_store(path: str | Path, include_failed: bool = False, include_rejected:
     return frame
 
 
+def load_stores(paths: Iterable[str | Path], include_failed: bool = False) -> pd.DataFrame:
+    """Load several results directories into one store frame, each record once.
+
+    A cell found in two folders (the dense record that a leaderboard folder and an ablation folder
+    both hold, or a folder given twice) has one run key; it is kept once, from the first folder that
+    holds it, so that no seed count or mean counts a record twice.
+
+    Args:
+        paths: Results directories or record files (see :func:`load_store`), in priority order.
+        include_failed: Keep failed records.
+
+    Returns:
+        The combined store frame.
+
+    Raises:
+        FileNotFoundError: If a path does not exist.
+        StoreError: For invalid JSON or a malformed record.
+    """
+    frames = [load_store(path, include_failed=include_failed) for path in paths]
+    if not frames:
+        raise ValueError("no results directory given")
+    frame = pd.concat(frames, ignore_index=True)
+    keyed = frame["run_key"].notna()
+    repeated = keyed & frame.duplicated("run_key", keep="first")
+    if repeated.any():
+        logger.info("%d record(s) found in more than one results directory, kept once", int(repeated.sum()))
+    return frame[~repeated].reset_index(drop=True)
+
+
 def as_frame(source: pd.DataFrame | str | Path | Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Accept a store frame, a results path, or an iterable of records, and return a frame."""
     if isinstance(source, pd.DataFrame):

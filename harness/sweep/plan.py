@@ -79,12 +79,12 @@ def run_config(spec: SweepSpec, model: str, seed: int) -> RunConfig:
     )
 
 
-def plan_cells(spec: SweepSpec, build_references: bool = True) -> list[Cell]:
+def plan_cells(spec: SweepSpec, build_testbeds: bool = True) -> list[Cell]:
     """Every cell of ``spec`` with its run key, dense baselines first within each (model, seed).
 
     Models are identified by hashing their files and calibrations by hashing their tokens; no
-    weights are loaded. Reference models are resolved first: trained if not cached, unless
-    ``build_references`` is False (dry runs), where an untrained one is a :class:`SpecError`.
+    weights are loaded. Testbed models are resolved first: trained if not cached, unless
+    ``build_testbeds`` is False (dry runs), where an untrained one is a :class:`SpecError`.
 
     Raises:
         SpecError: when a group fails :func:`harness.runs.prepare` or its tokenizer cannot load.
@@ -93,7 +93,7 @@ def plan_cells(spec: SweepSpec, build_references: bool = True) -> list[Cell]:
     cells: list[Cell] = []
     dense_seen: set[str] = set()
     for entry in spec.grid.models:
-        model = entry.resolve(build=build_references)
+        model = entry.resolve(build=build_testbeds)
         for seed in spec.grid.seeds:
             cfg = run_config(spec, model, seed)
             try:

@@ -84,7 +84,7 @@ class SweepResult:
 
 def dry_run(spec: SweepSpec) -> str:
     """The grid with each cell's status, computed from run keys without loading (or training) any weights."""
-    cells = plan_cells(spec, build_references=False)
+    cells = plan_cells(spec, build_testbeds=False)
     return format_plan(spec, cells, {c.key: cell_status(c) for c in cells})
 
 

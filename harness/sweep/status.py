@@ -182,5 +182,5 @@ def format_status(spec: SweepSpec, cells: Sequence[Cell], states: Mapping[str, C
 
 def status_report(spec: SweepSpec) -> str:
     """The ``--status`` table of ``spec``; plans from run keys alone (no weights, no training)."""
-    cells = plan_cells(spec, build_references=False)
+    cells = plan_cells(spec, build_testbeds=False)
     return format_status(spec, cells, cell_states(cells, Path(spec.results).expanduser().resolve()))

@@ -1,4 +1,4 @@
-"""Diagnostics of the reference models: validation loss and the LLM-likeness report.
+"""Diagnostics of the testbed models: validation loss and the LLM-likeness report.
 
 Real LLMs have a few hidden-state channels 100-1000x larger than the median channel (massive
 activations, attention sinks), and activation-aware SVD methods are designed around them.

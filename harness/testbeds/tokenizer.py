@@ -1,4 +1,4 @@
-"""Training text and BPE tokenizer of the self-trained reference models.
+"""Training text and BPE tokenizer of the self-trained testbed models.
 
 The text is the offline data pack's training material (see the pack's README): the BoolQ dev
 Wikipedia passages plus the WikiText-2 (``<unk>`` variant) validation split, about 2.8 MB. No test

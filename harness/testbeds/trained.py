@@ -1,4 +1,4 @@
-"""Reference models: tiny causal LMs the project trains itself from the offline data pack.
+"""Testbed models: tiny causal LMs the project trains itself from the offline data pack.
 
 No LLM weights can be downloaded offline, so the tests and ``svdbench demo`` compress models built
 here: ``tiny-llama`` (LlamaForCausalLM, grouped-query attention 8/4) and ``tiny-opt``
@@ -74,7 +74,7 @@ BOS_WINDOW_FRACTION = 0.0
 
 @dataclass(frozen=True)
 class TestbedSpec:
-    """Architecture and training schedule of one reference model.
+    """Architecture and training schedule of one testbed model.
 
     Attributes:
         name: Registry name, e.g. ``"tiny-llama"``.
@@ -170,7 +170,7 @@ def build_model(spec: TestbedSpec) -> PreTrainedModel:
 
 
 def testbed_cache_key(spec: TestbedSpec, seed: int, checksums: dict[str, str]) -> str:
-    """Stable hash of everything that determines a reference model's weights.
+    """Stable hash of everything that determines a testbed model's weights.
 
     Args:
         spec: The reference spec.
@@ -349,15 +349,15 @@ def train_testbed_model(
 
 
 def default_cache_dir() -> Path:
-    """``$SVDBENCH_CACHE/reference_models`` if the variable is set, else ``~/.cache/svdbench/reference_models``."""
+    """``$SVDBENCH_CACHE/testbeds`` if the variable is set, else ``~/.cache/svdbench/testbeds``."""
     root = os.environ.get(CACHE_ENV)
-    return (Path(root) if root else Path.home() / ".cache" / "svdbench") / "reference_models"
+    return (Path(root) if root else Path.home() / ".cache" / "svdbench") / "testbeds"
 
 
 def testbed_model_path(
     name: str, data_dir: str | Path | None = None, cache_dir: str | Path | None = None, *, seed: int = 0
 ) -> Path:
-    """Where reference model ``name`` is (or would be) cached; trains nothing.
+    """Where testbed model ``name`` is (or would be) cached; trains nothing.
 
     The directory is complete when it holds ``reference_card.json`` (see :func:`is_trained`).
 
@@ -366,18 +366,18 @@ def testbed_model_path(
         FileNotFoundError: If no data pack is given or found (see ``SVDBENCH_DATA``).
     """
     if name not in TESTBED_SPECS:
-        raise KeyError(f"Unknown reference model {name!r}; known: {sorted(TESTBED_SPECS)}")
+        raise KeyError(f"Unknown testbed model {name!r}; known: {sorted(TESTBED_SPECS)}")
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return cache_root / f"{name}-{testbed_cache_key(TESTBED_SPECS[name], seed, data_checksums(data_dir))[:16]}"
 
 
 def is_trained(path: str | Path) -> bool:
-    """Whether a reference-model cache directory is complete (its card is written last)."""
+    """Whether a testbed-model cache directory is complete (its card is written last)."""
     return (Path(path) / CARD_NAME).is_file()
 
 
 def _damaged_files(path: Path) -> list[str]:
-    """Files of a trained reference model that no longer match the checksums of its card (cards
+    """Files of a trained testbed model that no longer match the checksums of its card (cards
     written before checksums were recorded are trusted as they are)."""
     try:
         card = json.loads((path / CARD_NAME).read_text(encoding="utf-8"))
@@ -395,7 +395,7 @@ def ensure_testbed_model(
     seed: int = 0,
     threads: int | None = None,
 ) -> Path:
-    """Return the directory of reference model ``name``, training it first if it is not cached.
+    """Return the directory of testbed model ``name``, training it first if it is not cached.
 
     Training writes into a temporary sibling directory that is renamed into place only when
     complete, so an interrupted run never leaves a directory that looks finished.
@@ -431,7 +431,7 @@ def ensure_testbed_models(
     *,
     seed: int = 0,
 ) -> dict[str, Path]:
-    """Directories of several reference models; the missing ones are trained side by side on the CPU.
+    """Directories of several testbed models; the missing ones are trained side by side on the CPU.
 
     A tiny model trains much faster per CPU-second on one thread than on two (its matmuls are too
     small to split), so with P missing models and at least P cores, P single-threaded trainers
@@ -469,15 +469,15 @@ def _ensure_locked(name: str, final: Path, data_dir: str | Path | None, device: 
     if is_trained(final):
         bad = _damaged_files(final)
         if not bad:
-            logger.info("Reference model %s found in cache: %s", name, final)
+            logger.info("Testbed model %s found in cache: %s", name, final)
             return final
-        quarantine(final, f"cached reference model fails its checksums ({', '.join(bad)})")
+        quarantine(final, f"cached testbed model fails its checksums ({', '.join(bad)})")
     spec = TESTBED_SPECS[name]
     cache_root = final.parent
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_root))
     try:
-        logger.info("Training reference model %s on %s (cache miss: %s)", name, device, final)
+        logger.info("Training testbed model %s on %s (cache miss: %s)", name, device, final)
         train_testbed_model(spec, tmp, data_dir, seed=seed, device=device, threads=threads)
         try:
             tmp.rename(final)
@@ -490,13 +490,13 @@ def _ensure_locked(name: str, final: Path, data_dir: str | Path | None, device: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: train (or find cached) a reference model and print its directory."""
+    """Command line: train (or find cached) a testbed model and print its directory."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, choices=sorted(TESTBED_SPECS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-dir", default=None, help="data pack (default: $SVDBENCH_DATA)")
     parser.add_argument(
-        "--cache-dir", default=None, help="cache root (default: $SVDBENCH_CACHE/reference_models)"
+        "--cache-dir", default=None, help="cache root (default: $SVDBENCH_CACHE/testbeds)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: $SVDBENCH_THREADS, else every core)")

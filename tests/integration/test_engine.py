@@ -139,7 +139,7 @@ def test_corrupted_sensitivity_table_is_measured_again(tiny_llama, tmp_path, mon
     assert third["probes"]["kl_sensitivity"]["hit"] is True
 
 
-def test_damaged_reference_model_is_moved_aside_and_retrained(tmp_path, monkeypatch):
+def test_damaged_testbed_is_quarantined_and_retrained(tmp_path, monkeypatch):
     from harness.testbeds import trained as rm
 
     calls = []

@@ -135,3 +135,25 @@ def test_cli_agreement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert _run(["leaderboard", str(store), "--agreement", "wikitext2,average", "--format", "latex"]) == 2
     assert _run(["leaderboard", str(store), "--agreement", "a,b,c"]) == 2
     assert _run(["leaderboard", str(store), "--ratio", "0.4"]) == 2  # --ratio belongs to --agreement
+
+
+def test_cli_leaderboard_and_agreement_over_two_models_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    avg = dict.fromkeys(("svd", "svd-llm", "adasvd", "ressvd"), 0.4)
+    first = _records({"svd": 900.0, "svd-llm": 12.0, "adasvd": 14.0, "ressvd": 13.0}, avg)
+    second = _records({"svd": 5000.0, "svd-llm": 30.0, "adasvd": 25.0, "ressvd": 40.0}, avg, model="other-llm")
+    for rec in second:
+        rec["run_key"] += "-other"
+    store_a = write_store(tmp_path / "a", first)
+    store_b = write_store(tmp_path / "b", second + first[:1])  # the first model's dense record in both folders
+    argv = ["leaderboard", str(store_a), str(store_b), "--agreement", "wikitext2", "--agreement-models", "toy-llama,other-llm"]
+    assert _run(argv) == 0
+    out = capsys.readouterr().out
+    assert "toy-llama vs other-llm, ratio 40%" in out and "Spearman ρ = 0.40" in out
+    assert "Ordered differently: ResSVD > AdaSVD by A, AdaSVD > ResSVD by B; ResSVD > AdaSVD" not in out
+    assert "AdaSVD > ResSVD by A" not in out and "ResSVD > AdaSVD by A, AdaSVD > ResSVD by B" in out
+    # The dense record found in both folders counts once (n = 1), so no spread is invented for it.
+    assert _run(["leaderboard", str(store_a), str(store_b), "--model", "toy-llama", "--format", "csv"]) == 0
+    table = pd.read_csv(pd.io.common.StringIO(capsys.readouterr().out))
+    dense = table[table["method"] == "dense"]
+    assert len(dense) == 1 and int(dense["n_seeds"].iloc[0]) == 1 and int(dense["wikitext2.ppl.n"].iloc[0]) == 1
+    assert _run(["leaderboard", str(store_a), str(store_b), "--format", "html", "--out", str(tmp_path / "site")]) == 2

@@ -18,8 +18,8 @@ import pytest
 from report_fixtures import make_record, write_store
 
 from harness.report.cli import add_report_subcommands
-from harness.report.html import write_site
 from harness.report.leaderboard import build_leaderboard
+from harness.report.site.writer import write_site
 from harness.report.store import load_store
 
 ROOT = Path(__file__).resolve().parents[2]

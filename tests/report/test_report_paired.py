@@ -230,7 +230,7 @@ def test_collapsed_perplexities_print_compactly() -> None:
 def test_site_shows_headers_marks_and_notes(tmp_path) -> None:
     from report_fixtures import write_store
 
-    from harness.report.html import write_site
+    from harness.report.site.writer import write_site
 
     recs = [*_dense("piqa", every=4), zeroshot_record("svd-llm", 0.4, bits={"piqa": NOISY_A}, every=4),
             zeroshot_record("svd", 0.4, bits={"piqa": NOISY_B}, every=4)]  # fmt: skip

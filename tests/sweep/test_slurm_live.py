@@ -1,6 +1,6 @@
 """A sweep on a real scheduler: a one-node SLURM on localhost runs the submitit executor's job array.
 
-The tiny reference model ``tiny-llama`` x {svd, svd-llm} x {0.3, 0.6} (plus the dense cell) on
+The tiny testbed model ``tiny-llama`` x {svd, svd-llm} x {0.3, 0.6} (plus the dense cell) on
 CPU, one array task per cell, two at a time. Mid-run, one task is signalled like a preempted job
 (submitit checkpoints and requeues it) and another is cancelled with ``scancel``. The first run
 ends with four records and the cancelled cell reported; a rerun submits exactly that cell. Every
@@ -66,7 +66,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
 
 @pytest.fixture(scope="module")
 def tiny_llama() -> Path:
-    """The trained reference model (trained and cached on first use, as for the integration tests)."""
+    """The trained testbed model (trained and cached on first use, as for the integration tests)."""
     from harness.testbeds.trained import ensure_testbed_model
 
     return ensure_testbed_model("tiny-llama")
@@ -116,11 +116,11 @@ def comparable(rec: dict) -> dict:
 
 @pytest.fixture
 def spec_path(tmp_path: Path, tiny_llama: Path) -> Iterator[Path]:
-    """The sweep spec, and a private cache that reuses the trained reference model (the run keys
+    """The sweep spec, and a private cache that reuses the trained testbed model (the run keys
     hash its path, which must be one for both runs) but starts without statistics."""
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / "reference_models").symlink_to(tiny_llama.parent, target_is_directory=True)
+    (cache / "testbeds").symlink_to(tiny_llama.parent, target_is_directory=True)
     calib = tmp_path / "calib.txt"
     calib.write_text((DATA / "wikitext-2-v1" / "valid.txt").read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     path = tmp_path / "slurm-live.yaml"

@@ -1,4 +1,4 @@
-"""Issue-2 and issue-7 acceptance on the trained tiny reference models.
+"""Issue-2 and issue-7 acceptance on the trained tiny testbed models.
 
 Perplexity here scores the first 8 windows of the standard protocol (the full protocol runs in
 benchmarks/ and the demo); everything else is the real pipeline.
@@ -23,7 +23,7 @@ def _records(paths):
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_reference_models_svd_and_svd_llm(family, tiny_model_dirs, tmp_path):
+def test_testbeds_svd_and_svd_llm(family, tiny_model_dirs, tmp_path):
     ratios = (0.2, 0.6)
     cfg = RunConfig(model=str(tiny_model_dirs[family]), methods=("svd", "svd-llm"), ratios=ratios, calib=CALIB,
                     calib_samples=32, calib_seqlen=256, eval_max_windows=8, results=str(tmp_path))
@@ -57,8 +57,8 @@ def no_network(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
-def test_zeroshot_and_ptb_records_on_reference_model(tiny_model_dirs, tmp_path, no_network):
-    # PIQA is left out: some of its solutions are longer than the reference models' 256-token
+def test_zeroshot_and_ptb_records_on_a_testbed(tiny_model_dirs, tmp_path, no_network):
+    # PIQA is left out: some of its solutions are longer than the testbed models' 256-token
     # context, which lm-eval cannot score (asserted in harness.evaluations with a clear message).
     # The first 100 documents of each task (lm-eval's --limit, recorded); full packs are scored in
     # tests/integration/test_zeroshot.py and in results/.

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 from harness.report.compare import CompareResult
-from harness.report.html_common import attrs, esc
 from harness.report.leaderboard import LeaderboardTable
 from harness.report.paired import PAIRED_TIE_DEFINITION, is_paired_column
+from harness.report.site.markup import attrs, esc
 from harness.report.spread import TIE_DEFINITION, TIE_MARK, is_tie
 
 __all__ = ["Figure", "ratio_key", "ratio_label", "model_section", "controls", "compare_section"]

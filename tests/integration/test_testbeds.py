@@ -1,4 +1,4 @@
-"""Tests of the reference-model recipe (harness.testbeds.trained, harness.testbeds.tokenizer)."""
+"""Tests of the testbed-model recipe (harness.testbeds.trained, harness.testbeds.tokenizer)."""
 
 from __future__ import annotations
 
@@ -75,9 +75,9 @@ def test_missing_data_dir_names_env_var(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
 def test_default_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(rm.CACHE_ENV, str(tmp_path))
-    assert rm.default_cache_dir() == tmp_path / "reference_models"
+    assert rm.default_cache_dir() == tmp_path / "testbeds"
     monkeypatch.delenv(rm.CACHE_ENV)
-    assert rm.default_cache_dir() == Path.home() / ".cache" / "svdbench" / "reference_models"
+    assert rm.default_cache_dir() == Path.home() / ".cache" / "svdbench" / "testbeds"
 
 
 def test_interrupted_training_leaves_no_model(

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from harness.report.entries import method_display_name
-from harness.report.html_common import esc, facts, json_block, page, plain_table
 from harness.report.metrics import is_metric_column, resolve_metric
+from harness.report.site.markup import esc, facts, json_block, page, plain_table
 from harness.report.store import flatten_metrics
 
 __all__ = ["detail_page", "LAYER_COLUMNS"]

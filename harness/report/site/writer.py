@@ -9,7 +9,7 @@ view time (the stylesheet and script are written beside the pages; no CDN)::
     DIR/records/<key>.html    one page per record: method config, calibration, per-layer ranks,
                               keeps and errors, provenance, metrics, and the record's JSON
     DIR/figures/*.png|pdf     made by :func:`harness.report.plots.plot`
-    DIR/assets/               svdbench.css, svdbench.js (:mod:`harness.report.html_assets`)
+    DIR/assets/               svdbench.css, svdbench.js (:mod:`harness.report.site.assets`)
 
 The site holds no ``.json`` file, so it may live inside a results directory without its pages
 being read back as records. The tables come from :func:`harness.report.leaderboard.build_leaderboard`, the same builder as the
@@ -30,11 +30,11 @@ from typing import Any
 import pandas as pd
 
 from harness.report.entries import smoke_mask
-from harness.report.html_assets import SCRIPT, SCRIPT_FILE, STYLE, STYLE_FILE
-from harness.report.html_common import esc, page
-from harness.report.html_detail import detail_page
-from harness.report.html_leaderboard import Figure, compare_section, controls, model_section
 from harness.report.leaderboard import RATIO_DEFINITION, LeaderboardTable, build_leaderboard
+from harness.report.site.assets import SCRIPT, SCRIPT_FILE, STYLE, STYLE_FILE
+from harness.report.site.markup import esc, page
+from harness.report.site.record_page import detail_page
+from harness.report.site.sections import Figure, compare_section, controls, model_section
 from harness.report.spread import SPREAD_DEFINITION, TIE_DEFINITION
 from harness.report.staleness import stale_reasons
 from harness.report.store import read_records, records_to_frame, value_text
@@ -155,7 +155,7 @@ def _index(
         *sections,
         compare_html,
         "</main>",
-        '<footer><p>Static page written by svdbench (harness.report.html); it needs no server and no network.</p></footer>',
+        '<footer><p>Static page written by svdbench (harness.report.site.writer); it needs no server and no network.</p></footer>',
     ]
     return page("svdbench leaderboard", "\n".join(body), depth=0)
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from harness.report.html_assets import SCRIPT_FILE, STYLE_FILE
+from harness.report.site.assets import SCRIPT_FILE, STYLE_FILE
 
 __all__ = ["esc", "attrs", "page", "facts", "plain_table", "number_text", "json_block"]
 

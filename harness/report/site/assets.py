@@ -5,7 +5,7 @@ or editable) carries them. The script is plain ES2017 with no dependencies; it w
 ``file://`` URLs, where browsers block fetching JSON, so every datum it needs is in the page's
 ``data-*`` attributes.
 
-Script contract with the pages (:mod:`harness.report.html_leaderboard`, :mod:`harness.report.html_detail`):
+Script contract with the pages (:mod:`harness.report.site.sections`, :mod:`harness.report.site.record_page`):
 
 * ``table.sortable``: clicking a ``th`` sorts the ``tbody`` rows by the cells' ``data-value``
   (numbers when the ``th`` has ``data-type="num"``); empty values (failed, stale, missing) always
