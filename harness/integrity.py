@@ -158,7 +158,8 @@ def _zeroshot_problems(name: str, block: Mapping[str, Any], strict: bool) -> lis
 
 def _ratio_problems(record: Mapping[str, Any], strict: bool) -> list[str]:
     out = []
-    pairs = [("achieved_ratio", "params_compressed", "params_dense")]
+    pairs = [("achieved_ratio", "params_compressed", "params_dense"),
+             ("achieved_ratio_storage", "storage_compressed", "params_dense")]
     if strict:  # older writers' (and hand-made stores') whole-model counts are not checked
         pairs.append(("achieved_ratio_model", "params_model_compressed", "params_model_dense"))
     for ratio, compressed, dense in pairs:

@@ -10,13 +10,18 @@ from methods import (  # noqa: F401  (registration side effects)
     adasvd,
     asvd,
     basis_sharing,
+    dobi_svd,
     duo_svd,
     fwsvd,
+    gfwsvd,
+    kfac_svd,
     last_layers,
     ressvd,
     svd,
     svd_llm,
     svd_llm_v2,
+    swift_svd,
+    zs_svd,
 )
 from methods.components import (
     ALLOCATORS,

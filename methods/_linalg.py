@@ -248,9 +248,83 @@ def whitened_truncate(weight: Tensor, white: Whitening, k: int, driver: str | No
     Returns:
         ``(A: (m, k), B: (k, n), s)`` with ``s`` all singular values of ``W T`` (float64).
     """
-    u, s, vh = top_svd(weight.to(torch.float64) @ white.factor, k, driver)
+    return WhitenedSpectrum.of(weight, white, k, driver).truncate(k)
+
+
+@dataclass(frozen=True)
+class WhitenedSpectrum:
+    """The top singular triplets of ``W T`` (:func:`whitened_truncate`), from which the truncation at
+    any rank up to ``max_rank`` follows without another SVD: what a sensitivity probe trying many
+    ranks of one matrix needs.
+
+    Attributes:
+        u: ``U: (m, max_rank)``.
+        s: All singular values of ``W T``, descending (float64).
+        vh: ``V^T: (max_rank, n)``.
+        white: The whitening ``T``.
+    """
+
+    u: Tensor
+    s: Tensor
+    vh: Tensor
+    white: Whitening
+
+    @classmethod
+    def of(cls, weight: Tensor, white: Whitening, max_rank: int, driver: str | None = None) -> WhitenedSpectrum:
+        """SVD of ``W T`` keeping ``max_rank`` triplets (``W: (m, n)``)."""
+        u, s, vh = top_svd(weight.to(torch.float64) @ white.factor, max_rank, driver)
+        return cls(u, s, vh, white)
+
+    def truncate(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(A = U_k S_k^{1/2}: (m, k), B = S_k^{1/2} V_k^T T^{-1}: (k, n), s)``, ``k <= max_rank``."""
+        if k > self.u.shape[1]:
+            raise ValueError(f"rank {k} exceeds the {self.u.shape[1]} singular triplets kept")
+        root = self.s[:k].sqrt()
+        return self.u[:, :k] * root, self.white.right_solve(root[:, None] * self.vh[:k]), self.s
+
+
+def two_sided_truncate(weight: Tensor, left: Whitening, right: Whitening, k: int, driver: str | None = None,
+                       left_transposed: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-``k`` minimiser of a Kronecker-weighted error: ``min ||T_B^T (W - W') T_A||_F``.
+
+    With ``B = T_B T_B^T: (m, m)`` (output side) and ``A = T_A T_A^T: (n, n)`` (input side),
+    ``||T_B^T D T_A||_F^2 = tr(D^T B D A) = vec(D)^T (A kron B) vec(D)``: the curvature-weighted error
+    of GFWSVD (Kronecker-factored Fisher) and K-FAC. Eckart-Young on ``M = T_B^T W T_A = U S V^T``:
+    ``A' = T_B^{-T} U_k S_k^{1/2}``, ``B' = S_k^{1/2} V_k^T T_A^{-1}``, and the error is exactly
+    ``sqrt(sum_{i>k} s_i^2)``. ``left = right = identity`` is plain truncated SVD; ``left = identity``
+    is :func:`whitened_truncate` (SVD-LLM).
+
+    ``left_transposed=False`` whitens with ``T_B`` instead of ``T_B^T`` (``M = T_B W T_A``, undone by
+    ``T_B^{-1}``): the reading of LEMS's KFAC-SVD code, which minimises ``tr(D^T T_B^T T_B D A)``, not
+    the Kronecker objective; it needs a Cholesky (lower-triangular) ``T_B``.
+
+    Args:
+        weight: ``W: (m, n)``.
+        left: Whitening of the output-side factor ``B``.
+        right: Whitening of the input-side factor ``A``.
+        k: Kept rank.
+        driver: Routine of :func:`top_svd` (None: the device's default).
+        left_transposed: Whiten the left side with ``T_B^T`` (the objective above) or with ``T_B``.
+
+    Returns:
+        ``(A': (m, k), B': (k, n), s)`` with ``s`` all singular values of ``M`` (float64).
+
+    Raises:
+        FloatingPointError: when a factor is non-finite.
+    """
+    w = weight.to(torch.float64)
+    lt = left.factor.T if left_transposed else left.factor
+    if not left_transposed and left.method != "cholesky":
+        raise ValueError("left_transposed=False needs a Cholesky (lower-triangular) left whitening")
+    u, s, vh = top_svd(lt @ (w @ right.factor), k, driver)
     root = s[:k].sqrt()
-    return u * root, white.right_solve(root[:, None] * vh), s
+    us = u * root
+    # T_B^{-T} X = (X^T T_B^{-1})^T; T_B^{-1} X by a lower-triangular solve.
+    a = left.right_solve(us.T).T if left_transposed else torch.linalg.solve_triangular(left.factor, us, upper=False)
+    b = right.right_solve(root[:, None] * vh)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise FloatingPointError("two-sided whitened SVD produced non-finite factors")
+    return a, b, s
 
 
 def output_error(weight: Tensor, approx: Tensor, gram: Tensor) -> float:

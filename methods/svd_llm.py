@@ -8,12 +8,13 @@ parameter-update stage of the paper is out of scope: compare against "SVD-LLM (W
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import Tensor
 
-from methods._linalg import whitened_truncate
+from methods._linalg import WhitenedSpectrum
 from methods.components import LinearStats, register
 from methods.lowrank import Factorization
 
@@ -26,9 +27,19 @@ class WhitenedFactorizer:
     name: ClassVar[str] = "whitened"
 
     def factorize(self, weight: Tensor, stats: LinearStats, rank: int) -> Factorization:
+        return self.nested(weight, stats, rank)(rank)
+
+    def nested(self, weight: Tensor, stats: LinearStats, max_rank: int) -> Callable[[int], Factorization]:
+        """The factorization at every rank ``k <= max_rank`` of ``W: (m, n)`` from one SVD of ``W T``
+        (what a probe that tries many ranks of one matrix calls, e.g. Duo-SVD's KL sensitivity)."""
         white = stats.whitening()
-        a, b, s = whitened_truncate(weight, white, rank)
+        spectrum = WhitenedSpectrum.of(weight, white, max_rank)
         info: dict[str, object] = {"whitening": white.method}
         if white.method != "cholesky":
             info["clamped_eigenvalues"] = white.clamped
-        return Factorization(a, b, spectrum=s, info=info)
+
+        def at(k: int) -> Factorization:
+            a, b, s = spectrum.truncate(k)
+            return Factorization(a, b, spectrum=s, info=info)
+
+        return at

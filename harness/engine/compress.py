@@ -82,9 +82,22 @@ class CompressionResult:
     def achieved_ratio_model(self) -> float:
         return 1.0 - self.params_model_compressed / self.params_model_dense
 
+    @property
+    def storage_compressed(self) -> int | None:
+        """The target linears' storage in 16-bit parameter equivalents when a factorizer reports a
+        storage format other than one 16-bit number per parameter (``info.storage_params``, e.g.
+        Dobi-SVD's 8-bit remapped factors), other layers counted by their parameters; None when no
+        layer reports one (then storage and parameters are the same count)."""
+        infos = [layer.get("info") or {} for layer in self.layers]
+        if not any("storage_params" in info for info in infos):
+            return None
+        return sum(int(info.get("storage_params", layer["params"])) for info, layer in zip(infos, self.layers, strict=True))
+
     def counts(self) -> dict[str, Any]:
-        """Achieved ratios and parameter counts, as records and export manifests store them."""
-        return {
+        """Achieved ratios and parameter counts, as records and export manifests store them; with a
+        storage format (:attr:`storage_compressed`) also ``storage_compressed`` and
+        ``achieved_ratio_storage = 1 - storage_compressed / params_dense`` beside the parameter ratio."""
+        counts: dict[str, Any] = {
             "achieved_ratio": self.achieved_ratio,
             "achieved_ratio_model": self.achieved_ratio_model,
             "params_dense": self.params_dense,
@@ -92,6 +105,11 @@ class CompressionResult:
             "params_model_dense": self.params_model_dense,
             "params_model_compressed": self.params_model_compressed,
         }
+        storage = self.storage_compressed
+        if storage is not None:
+            counts["storage_compressed"] = storage
+            counts["achieved_ratio_storage"] = 1.0 - storage / self.params_dense
+        return counts
 
 
 def restore(model: nn.Module, result: CompressionResult) -> None:

@@ -6,13 +6,23 @@ log-likelihood of one calibration window (float32 log-softmax of the logits, rea
 window per backward makes accumulated squares a per-sample empirical Fisher (the mean over samples
 of ``(dL/dw)^2``), not the square of a batch mean.
 
+A statistic that declares ``feed = "output-grad"`` is fed instead, per target linear, the gradient
+``delta = dL/dy: (1, L, m)`` of that linear's **output** (K-FAC's output-side factor), with the
+window's attention mask, from a hook on the output tensor registered during the forward pass; its
+accumulator is built with width ``m`` (``out_features``). When only such statistics are asked for,
+no weight requires a gradient: the input embeddings' output does, so the backward computes the
+activation gradients and none of the weight gradients.
+
 Memory: every target weight carries a ``register_post_accumulate_grad_hook`` that, as soon as
 autograd has produced that weight's gradient, feeds the accumulators and drops the gradient
 (``param.grad = None``). So at most one weight gradient lives at a time, never all of them, and only
 the target weights require gradients (every other parameter is frozen for the pass). What the pass
 does need is the **whole model on the compute device** plus one window's activations saved for the
 backward: unlike the block-streamed statistics, a backward pass through the LM head needs every
-block at once. The model is moved there for the pass and back afterwards.
+block at once. The model is moved there for the pass and back afterwards. An output-gradient feed
+adds nothing of its own: the hook reads the tensor autograd already holds and drops its reference at
+once; what its accumulators keep on the device (e.g. an ``(m, m)`` float64 Gram per target linear,
+larger than the weight itself for a wide MLP) is the statistic's cost, documented with it.
 
 Cost: per calibration window one forward and one backward (about three forwards' worth of matrix
 work). Half precision: gradients below float16's range underflow to zero (components floor their
@@ -37,6 +47,8 @@ from harness.engine.models import Layout, get_module
 from methods.statistics import Accumulator, GramProduct, Statistic
 
 log = logging.getLogger(__name__)
+
+FEEDS = ("weight-grad", "output-grad")  # what a gradient-scope statistic's ``feed`` may name
 
 
 def next_token_nll(logits: Tensor, ids: Tensor, mask: Tensor | None) -> Tensor:
@@ -65,7 +77,8 @@ def gradient_pass(model: nn.Module, layout: Layout, input_ids: Tensor, attention
         input_ids: ``(N, L)`` calibration windows; one forward + backward each.
         attention_mask: ``(N, L)`` or None.
         device: Where the whole model runs.
-        statistics: Statistics with ``scope == "gradient"``.
+        statistics: Statistics with ``scope == "gradient"``; each fed its ``feed`` (default
+            ``"weight-grad"``: ``dL/dW (m, n)``; ``"output-grad"``: ``dL/dy (1, L, m)`` with the mask).
 
     Returns:
         Per block: ``{module name: {result name: tensor}}`` (on ``device``).
@@ -74,9 +87,18 @@ def gradient_pass(model: nn.Module, layout: Layout, input_ids: Tensor, attention
         RuntimeError: when the model returns no logits (no next-token loss).
         FloatingPointError: on a non-finite loss or gradient.
     """
+    feeds = [getattr(s, "feed", "weight-grad") for s in statistics]
+    unknown = sorted(set(feeds) - set(FEEDS))
+    if unknown:
+        raise ValueError(f"unknown gradient feed {unknown}; known: {', '.join(FEEDS)}")
     accs: dict[str, list[Accumulator]] = {
-        m.name: [s.accumulator(m.in_features, device, GramProduct()) for s in statistics] for m in layout.modules}
-    state: dict[str, Any] = {"batch": 0}
+        m.name: [s.accumulator(m.in_features, device, GramProduct()) for s, f in zip(statistics, feeds, strict=True)
+                 if f == "weight-grad"] for m in layout.modules}
+    out_accs: dict[str, list[Accumulator]] = {
+        m.name: [s.accumulator(m.out_features, device, GramProduct()) for s, f in zip(statistics, feeds, strict=True)
+                 if f == "output-grad"] for m in layout.modules}
+    weight_feed = any(f == "weight-grad" for f in feeds)
+    state: dict[str, Any] = {"batch": 0, "mask": None}
 
     def hook(name: str) -> Callable[[Tensor], None]:
         def fire(param: Tensor) -> None:
@@ -89,6 +111,22 @@ def gradient_pass(model: nn.Module, layout: Layout, input_ids: Tensor, attention
 
         return fire
 
+    def output_hook(name: str) -> Callable[..., None]:
+        def feed(grad: Tensor) -> None:
+            if not torch.isfinite(grad).all():
+                raise FloatingPointError(f"non-finite output gradient of {name} on calibration window {state['batch']}")
+            for acc in out_accs[name]:
+                acc.add(grad.detach(), state["mask"], state["batch"])
+
+        def forward(_module: nn.Module, _args: Any, output: Tensor) -> None:
+            if output.requires_grad:  # one tensor hook per forward: fires once, with dL/dy of this window
+                output.register_hook(feed)
+
+        return forward
+
+    def track_inputs(_module: nn.Module, _args: Any, output: Tensor) -> Tensor:
+        return output.requires_grad_(True)  # only output gradients: the graph starts at the embeddings
+
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     home = params[0].device
@@ -97,9 +135,14 @@ def gradient_pass(model: nn.Module, layout: Layout, input_ids: Tensor, attention
         for p in params:
             p.requires_grad_(False)
         for m in layout.modules:
-            weight = get_module(model, m.name).weight
-            weight.requires_grad_(True)
-            handles.append(weight.register_post_accumulate_grad_hook(hook(m.name)))
+            module = get_module(model, m.name)
+            if weight_feed:
+                module.weight.requires_grad_(True)
+                handles.append(module.weight.register_post_accumulate_grad_hook(hook(m.name)))
+            if out_accs[m.name]:
+                handles.append(module.register_forward_hook(output_hook(m.name)))
+        if not weight_feed:
+            handles.append(model.get_input_embeddings().register_forward_hook(track_inputs))
         model.to(device)
         extra = _forward_kwargs(model)
         with torch.enable_grad():
@@ -107,6 +150,7 @@ def gradient_pass(model: nn.Module, layout: Layout, input_ids: Tensor, attention
                 state["batch"] = j
                 ids = input_ids[j: j + 1].to(device)
                 mask = None if attention_mask is None else attention_mask[j: j + 1].to(device)
+                state["mask"] = None if mask is None else mask.bool()
                 kwargs = dict(extra) if mask is None else {**extra, "attention_mask": mask}
                 logits = getattr(model(input_ids=ids, **kwargs), "logits", None)
                 if logits is None:
@@ -125,7 +169,7 @@ def gradient_pass(model: nn.Module, layout: Layout, input_ids: Tensor, attention
     out: list[dict[str, dict[str, Tensor]]] = [{} for _ in range(layout.n_blocks)]
     for m in layout.modules:
         results: dict[str, Tensor] = {}
-        for acc in accs[m.name]:
+        for acc in accs[m.name] + out_accs[m.name]:
             results.update(acc.result())
         out[m.block][m.name] = results
     return out

@@ -41,7 +41,9 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 RATIO = 0.4
 # Small options where a method has a slow stage (duo-svd's KL probe runs the model per candidate).
-METHOD_STRINGS = {"duo-svd": "duo-svd[kl-knapsack.n_sequences=2,kl-knapsack.step=0.3]", "adasvd": "adasvd[adacomp.iters=2]"}
+METHOD_STRINGS = {"duo-svd": "duo-svd[kl-knapsack.n_sequences=2,kl-knapsack.step=0.3]", "adasvd": "adasvd[adacomp.iters=2]",
+                  "dobi-svd": "dobi-svd[dobi-gamma.epochs=1,dobi-gamma.n_sequences=2]",
+                  "gfwsvd": "gfwsvd[kronecker-fisher.estimator=one-step]"}
 # Token ids every comparison feeds (two sequences; the tiny vocabularies have >= 384 ids).
 IDS = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
 

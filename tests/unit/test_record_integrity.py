@@ -78,6 +78,14 @@ def test_a_signed_record_verifies_and_every_edit_is_found() -> None:
     assert any("achieved_ratio is 0.5" in p for p in achieved.problems)
 
 
+def test_a_storage_ratio_beside_the_parameter_ratio_is_checked_against_its_counts() -> None:
+    rec = _record()
+    rec.update(storage_compressed=450, achieved_ratio_storage=0.55)
+    assert verify_record(sign(rec)).status == SIGNED
+    edited = verify_record(_edit(sign(rec), achieved_ratio_storage=0.7))
+    assert any("achieved_ratio_storage is 0.7 but storage_compressed/params_dense" in p for p in edited.problems)
+
+
 def test_unsigned_records_are_checked_as_far_as_their_content_allows() -> None:
     rec = _record()
     rec.pop("key_fields")

@@ -45,7 +45,8 @@ class ProbeContext:
 
 
 PROBES: Registry[Callable[[ProbeContext], Any]] = Registry("probe")
-_MODULES = ("harness.engine.probes.kl_sensitivity", "harness.engine.probes.asvd_sensitivity")
+_MODULES = ("harness.engine.probes.kl_sensitivity", "harness.engine.probes.asvd_sensitivity",
+            "harness.engine.probes.dobi_training")
 
 
 def register_probe(name: str) -> Callable[[Callable[[ProbeContext], Any]], Callable[[ProbeContext], Any]]:

@@ -41,8 +41,8 @@ from harness.cache import cache_path, read_checked_json, write_checked_json
 from harness.engine.capture import BlockStandIn, move
 from harness.engine.models import Layout, get_module, set_module
 from harness.engine.probes import ProbeContext, register_probe
-from methods import LinearStats, LowRankLinear, ModuleInfo, rank_for
-from methods._linalg import Whitening, top_svd
+from methods import Factorization, LinearStats, ModuleInfo, rank_for
+from methods.svd_llm import WhitenedFactorizer
 
 log = logging.getLogger(__name__)
 
@@ -167,22 +167,17 @@ class KLSensitivityProbe:
             self._loaded = (block, self.load_block(block))
         return self._loaded[1]
 
-    def _factors(self, mod: ModuleInfo, dense: nn.Linear, k: int) -> tuple[Tensor, Tensor, Tensor, Whitening]:
-        """Top-``k`` whitened singular triplets ``W T ~ U_k S_k V_k^T`` of one target linear
-        (float64, on the probe's device; enough for every rank up to ``k``)."""
+    def _factors(self, mod: ModuleInfo, dense: nn.Linear, k: int) -> Callable[[int], Factorization]:
+        """SVD-LLM's whitened factorizer of one target linear at every rank up to ``k`` (one SVD of
+        ``W T``, float64, on the probe's device)."""
         weight = dense.weight.detach().to(self.device, torch.float64)
-        white = self._stats(mod.block)[mod.name].whitening()
-        u, s, vh = top_svd(weight @ white.factor, k)
-        return u, s, vh, white
+        return WhitenedFactorizer().nested(weight, self._stats(mod.block)[mod.name], k)
 
-    def _module(self, svd: tuple[Tensor, Tensor, Tensor, Whitening], rank: int, dense: nn.Linear) -> nn.Module:
-        """Rank-``rank`` SVD-LLM truncation (``A = U_k S_k^{1/2}``, ``B = S_k^{1/2} V_k^T T^{-1}``)."""
-        u, s, vh, white = svd
-        root = s[:rank].sqrt()
-        a, b = u[:, :rank] * root, white.right_solve(root[:, None] * vh[:rank])
-        dt, dev = dense.weight.dtype, dense.weight.device
+    @staticmethod
+    def _module(factors: Callable[[int], Factorization], rank: int, dense: nn.Linear) -> nn.Module:
+        """The rank-``rank`` SVD-LLM truncation as a module with ``dense``'s bias, dtype and device."""
         bias = None if dense.bias is None else dense.bias.detach()
-        return LowRankLinear(a.to(dev, dt), b.to(dev, dt), bias)
+        return factors(rank).to_module(bias, dense.weight.dtype, dense.weight.device)
 
     @torch.no_grad()
     def _outputs(self, batch: Tensor, mask: Tensor | None) -> Tensor:
