@@ -101,7 +101,7 @@ def test_demo_cells_are_the_reference_leaderboards_seed_0_cells(tmp_path, monkey
     root = Path(__file__).resolve().parents[2]
     demo_keys = planned_keys(prepare(demo_config(tmp_path / "demo")))
     spec = load_spec(root / "benchmarks" / "reference_leaderboard.yaml", ["methods=[svd,svd-llm]", "seeds=[0]"])
-    reference = {(c.method, c.ratio): c.key for c in plan_cells(spec, build_references=False)}
+    reference = {(c.method, c.ratio): c.key for c in plan_cells(spec, build_testbeds=False)}
     assert demo_keys == reference and len(demo_keys) == 5  # dense + 2 methods x 2 ratios
     # ... and the shipped records are found on this machine: the key names the GGUF source, not the
     # converted bytes (which differ in the last bit between machines).
