@@ -14,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from torch import Tensor
 
 from methods._linalg import Whitening, whitening
 from methods.lowrank import Factorization
 from methods.registry import Registry, did_you_mean
+
+V = TypeVar("V")  # what AllocationContext.per_module scores each module with
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,22 @@ class AllocationContext:
     def __post_init__(self) -> None:
         if self.block_cosine is None and self.block_values and "block_cosine" in self.block_values[0]:
             self.block_cosine = [b["block_cosine"] for b in self.block_values]
+
+    def per_module(self, who: str, score: Callable[[ModuleInfo, Tensor, LinearStats], V]) -> dict[str, V]:
+        """``score(module, W, stats)`` for every target linear, reading the statistics store one block at
+        a time (host memory holds one block's statistics), ``W: (m, n)`` float64 on the compute device.
+
+        Raises:
+            RuntimeError: outside the harness (no store to read), naming the allocator ``who``.
+        """
+        if self.load_block is None or self.load_weight is None:
+            raise RuntimeError(f"allocator {who!r} needs the stored statistics and weights; run it through the harness")
+        out: dict[str, V] = {}
+        for block in range(self.n_blocks):
+            stats = self.load_block(block)
+            for mod in (m for m in self.modules if m.block == block):
+                out[mod.name] = score(mod, self.load_weight(mod.name), stats[mod.name])
+        return out
 
 
 class Allocator(Protocol):

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from methods._linalg import Whitening
-from methods.components import AllocationContext, LinearStats, check_choices, register
+from methods.components import AllocationContext, LinearStats, ModuleInfo, check_choices, register
 from methods.eigen_whitening import stats_eigen_whitening
 from methods.method import rank_for
 
@@ -146,17 +146,11 @@ class HeterogeneousAllocator:
 
     def losses(self, ctx: AllocationContext, ratio: float) -> dict[str, float]:
         """``L_i`` per module at ``ratio`` in the ``loss`` reading, reading the store one block at a time."""
-        if ctx.load_block is None or ctx.load_weight is None:
-            raise RuntimeError(f"allocator {self.name!r} needs the stored statistics and weights; run it through the harness")
-        out: dict[str, float] = {}
-        for block in range(ctx.n_blocks):
-            stats = ctx.load_block(block)
-            for mod in (m for m in ctx.modules if m.block == block):
-                k = rank_for(mod.out_features, mod.in_features, 1.0 - ratio)
-                st = stats[mod.name]
-                out[mod.name] = 0.0 if k is None else truncation_loss(
-                    ctx.load_weight(mod.name), stats_eigen_whitening(st), k) * loss_scale(st, self.loss)
-        return out
+        def loss(mod: ModuleInfo, weight: Tensor, st: LinearStats) -> float:
+            k = rank_for(mod.out_features, mod.in_features, 1.0 - ratio)
+            return 0.0 if k is None else truncation_loss(weight, stats_eigen_whitening(st), k) * loss_scale(st, self.loss)
+
+        return ctx.per_module(self.name, loss)
 
     def allocate(self, ctx: AllocationContext, ratio: float) -> dict[str, float]:
         losses = self.losses(ctx, ratio)

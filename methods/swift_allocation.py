@@ -132,14 +132,7 @@ class SwiftDynamicAllocator:
 
     def energies(self, ctx: AllocationContext) -> dict[str, float]:
         """``eps_i`` per module, reading the store one block at a time."""
-        if ctx.load_block is None or ctx.load_weight is None:
-            raise RuntimeError(f"allocator {self.name!r} needs the stored statistics and weights; run it through the harness")
-        out: dict[str, float] = {}
-        for block in range(ctx.n_blocks):
-            stats = ctx.load_block(block)
-            for mod in (m for m in ctx.modules if m.block == block):
-                out[mod.name] = output_energy(ctx.load_weight(mod.name), stats[mod.name].gram)
-        return out
+        return ctx.per_module(self.name, lambda mod, weight, st: output_energy(weight, st.gram))
 
     def scores(self, modules: Sequence[ModuleInfo], block_cosine: Sequence[float], energies: dict[str, float]) -> dict[str, float]:
         """``S_i = I_b^alpha log(offset + eps_i)^(1 - alpha)``."""

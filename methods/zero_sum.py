@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from methods._linalg import Whitening
-from methods.components import AllocationContext, ModuleInfo, check_choices, register
+from methods.components import AllocationContext, LinearStats, ModuleInfo, check_choices, register
 from methods.gradient_sum import GradientSum, mean_gradient
 
 log = logging.getLogger(__name__)
@@ -223,16 +223,11 @@ class ZeroSumAllocator:
 
     def deltas(self, ctx: AllocationContext) -> dict[str, Tensor]:
         """``delta_i`` per module (descending singular values), reading the store one block at a time."""
-        if ctx.load_block is None or ctx.load_weight is None:
-            raise RuntimeError(f"allocator {self.name!r} needs the stored statistics and weights; run it through the harness")
-        out: dict[str, Tensor] = {}
-        for block in range(ctx.n_blocks):
-            stats = ctx.load_block(block)
-            for mod in (m for m in ctx.modules if m.block == block):
-                st = stats[mod.name]
-                s, g = singular_sensitivities(ctx.load_weight(mod.name), st.whitening(), mean_gradient(st))
-                out[mod.name] = loss_changes(s, g, self.order).cpu()
-        return out
+        def delta(mod: ModuleInfo, weight: Tensor, st: LinearStats) -> Tensor:
+            s, g = singular_sensitivities(weight, st.whitening(), mean_gradient(st))
+            return loss_changes(s, g, self.order).cpu()
+
+        return ctx.per_module(self.name, delta)
 
     def select(self, modules: Sequence[ModuleInfo], deltas: Mapping[str, Tensor], ratio: float) -> dict[str, float]:
         """Keep ratio per module from the deltas: the zero-sum selection at ``ceil(ratio sum m n)``."""
